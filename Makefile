@@ -1,0 +1,116 @@
+# alpnd - plain Makefile.  `make`, `make check`, `make demo`, `make bench`,
+# `make fuzz FUZZ_SECONDS=N`, `make install DESTDIR=... PREFIX=...`.
+
+VERSION		= 0.1.0
+PREFIX		?= /usr/local
+SBINDIR		?= $(PREFIX)/sbin
+MANDIR		?= $(PREFIX)/share/man
+DOCDIR		?= $(PREFIX)/share/doc/alpnd
+SYSCONFDIR	?= /etc
+SYSTEMDUNITDIR	?= $(shell pkg-config --variable=systemdsystemunitdir systemd 2>/dev/null || echo /lib/systemd/system)
+RESPOND_PATH	?= $(SBINDIR)/alpnd-respond
+
+CC		?= cc
+CLANG		?= clang
+CFLAGS		?= -O2 -g
+WARN		= -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
+		  -Wpointer-arith -Wcast-qual -Wwrite-strings -Wformat=2 -Wvla \
+		  -Wimplicit-fallthrough -Wundef -Wold-style-definition
+ifeq ($(CI),true)
+WARN		+= -Werror
+endif
+HARDEN		= -fstack-protector-strong -fPIE -D_FORTIFY_SOURCE=2
+LDHARDEN	= -pie -Wl,-z,relro,-z,now -Wl,--as-needed
+DEFS		= -D_GNU_SOURCE -DALPND_VERSION='"$(VERSION)"' \
+		  -DALPND_RESPOND_PATH='"$(RESPOND_PATH)"'
+ALL_CFLAGS	= -std=c11 $(DEFS) $(WARN) $(HARDEN) $(CPPFLAGS) $(CFLAGS)
+TLS_CFLAGS	= $(shell pkg-config --cflags gnutls libsystemd 2>/dev/null)
+TLS_LIBS	= $(shell pkg-config --libs gnutls libsystemd 2>/dev/null || echo -lgnutls -lsystemd)
+SAN		= -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+FUZZ_SECONDS	?= 60
+
+PROGS		= alpnd alpnd-respond
+
+all: $(PROGS)
+
+# The router runs once per connection: libc only, nothing else linked.
+alpnd: alpnd.c alpnparse.c alpnparse.h
+	$(CC) $(ALL_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ alpnd.c alpnparse.c
+
+alpnd-respond: respond.c alpnparse.c alpnparse.h
+	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ respond.c alpnparse.c $(TLS_LIBS)
+
+# Sanitizer builds of everything, used by `make check` and the hostile suite.
+build/asan/alpnd: alpnd.c alpnparse.c alpnparse.h
+	@mkdir -p build/asan
+	$(CC) $(ALL_CFLAGS) $(SAN) -o $@ alpnd.c alpnparse.c
+
+build/asan/alpnd-respond: respond.c alpnparse.c alpnparse.h
+	@mkdir -p build/asan
+	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(SAN) -o $@ respond.c alpnparse.c $(TLS_LIBS)
+
+build/parse_test: tests/parse_test.c alpnparse.c alpnparse.h
+	@mkdir -p build
+	$(CC) $(ALL_CFLAGS) -I. -o $@ tests/parse_test.c alpnparse.c
+
+build/asan/parse_test: tests/parse_test.c alpnparse.c alpnparse.h
+	@mkdir -p build/asan
+	$(CC) $(ALL_CFLAGS) $(SAN) -I. -o $@ tests/parse_test.c alpnparse.c
+
+build/parse_bench: tests/parse_bench.c alpnparse.c alpnparse.h
+	@mkdir -p build
+	$(CC) -std=c11 $(DEFS) $(WARN) -O2 -I. -o $@ tests/parse_bench.c alpnparse.c
+
+build/fuzz_hello: tests/fuzz_hello.c alpnparse.c alpnparse.h
+	@mkdir -p build
+	$(CLANG) -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined -o $@ tests/fuzz_hello.c alpnparse.c
+
+build/fuzz_proxy: tests/fuzz_proxy.c alpnparse.c alpnparse.h
+	@mkdir -p build
+	$(CLANG) -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined -o $@ tests/fuzz_proxy.c alpnparse.c
+
+deps:
+	@tests/deps build check
+
+asan: build/asan/alpnd build/asan/alpnd-respond build/asan/parse_test
+
+check: deps
+	@$(MAKE) --no-print-directory all asan build/parse_test build/parse_bench build/fuzz_hello build/fuzz_proxy
+	@tests/run
+
+# libFuzzer over both parsers; the corpus lives under tests/corpus/.
+fuzz: build/fuzz_hello build/fuzz_proxy
+	tests/fuzz-run $(FUZZ_SECONDS)
+
+bench-parse: build/parse_bench
+	build/parse_bench
+
+demo:
+	@tests/deps build demo
+	@$(MAKE) --no-print-directory all
+	@contrib/demo.sh
+
+bench:
+	@tests/deps build check bench
+	@$(MAKE) --no-print-directory all build/parse_bench
+	@tests/bench/run
+
+install: all
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(SYSTEMDUNITDIR)
+	install -m 0755 alpnd alpnd-respond $(DESTDIR)$(SBINDIR)/
+	install -m 0644 alpnd.8 alpnd-respond.8 $(DESTDIR)$(MANDIR)/man8/
+	for u in units/*.socket units/*.service; do \
+		sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' $$u \
+		    > $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#units/} || exit 1; \
+		chmod 0644 $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#units/}; \
+	done
+
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/alpnd $(DESTDIR)$(SBINDIR)/alpnd-respond
+	rm -f $(DESTDIR)$(MANDIR)/man8/alpnd.8 $(DESTDIR)$(MANDIR)/man8/alpnd-respond.8
+	for u in units/*.socket units/*.service; do rm -f $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#units/}; done
+
+clean:
+	rm -rf $(PROGS) build
+
+.PHONY: all asan check fuzz bench bench-parse demo deps install uninstall clean

@@ -1,0 +1,9 @@
+/* alpnd.c - not yet implemented. */
+#include <stdio.h>
+int main(void);
+int
+main(void)
+{
+	fputs("alpnd.c: not yet implemented\n", stderr);
+	return 70;
+}
