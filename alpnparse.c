@@ -565,12 +565,15 @@ parse_proxy_v1(const uint8_t *buf, size_t len, struct alpn_proxy *p,
 	struct cbs line, proto, src, dst, sp, dp;
 	size_t i, end = 0;
 
-	for (i = 0; i + 1 < len && i + 1 < ALPN_PROXY_V1_MAX; i++) {
-		if (buf[i] == '\r' && buf[i + 1] == '\n') {
-			end = i;
+	for (i = 0; i < len && i < ALPN_PROXY_V1_MAX; i++) {
+		if (buf[i] == '\n') {
+			if (buf[i - 1] != '\r')	/* i >= 6: the signature */
+				return ALPN_BAD;
+			end = i - 1;
 			break;
 		}
-		if (buf[i] == '\0' || buf[i] == '\n')
+		if (buf[i] == '\0' ||
+		    (buf[i] == '\r' && i + 1 < len && buf[i + 1] != '\n'))
 			return ALPN_BAD;
 	}
 	if (end == 0) {
