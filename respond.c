@@ -1,9 +1,1334 @@
-/* respond.c - not yet implemented. */
+/*
+ * respond.c - alpnd-respond: answer one ACME TLS-ALPN-01 validation
+ * (RFC 8737, RFC 8738) on an inherited connection, and make or remove
+ * the challenge certificates it serves.
+ *
+ *   alpnd-respond --certs DIR [--hello-timeout SECS]
+ *   alpnd-respond --certs DIR --make NAME AUTH
+ *   alpnd-respond --certs DIR --clean NAME
+ *   alpnd-respond --certs DIR --check NAME
+ *
+ * Copyright (c) 2026 the alpnd authors.  ISC licence, see LICENSE.
+ */
+
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
-int main(void);
-int
-main(void)
+#include <stdlib.h>
+#include <string.h>
+#include <sysexits.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <gnutls/gnutls.h>
+#include <gnutls/abstract.h>
+#include <gnutls/crypto.h>
+#include <gnutls/x509.h>
+#include <systemd/sd-daemon.h>
+#include <systemd/sd-journal.h>
+
+#include "alpnparse.h"
+
+#define PROG		"alpnd-respond"
+#define ACME_OID	"1.3.6.1.5.5.7.1.31"	/* id-pe-acmeIdentifier, RFC 8737 6.1 */
+#define DIGEST_LEN	32			/* SHA-256 */
+#define NAME_LEN	253			/* RFC 1035 presentation, no dot */
+#define PEM_MAX		(64 * 1024)		/* larger files are not challenges */
+#define SNI_RAW_MAX	1024
+#define WHY_LEN		768
+#define CHALLENGE_DAYS	7
+#define DRAIN_MS	1000
+#define DRAIN_MAX	(64 * 1024)
+
+/* One identifier: a DNS name, or an IP address by its reverse name. */
+struct ident {
+	char		name[NAME_LEN + 1];	/* lower case, no trailing dot */
+	size_t		len;
+	int		is_ip;
+	uint8_t		ip[16];
+	size_t		ip_len;
+};
+
+/* A loaded and checked challenge pair. */
+struct pair {
+	gnutls_x509_crt_t	crt;
+	gnutls_x509_privkey_t	key;
+	uint8_t			digest[DIGEST_LEN];
+	char			keydesc[64];
+};
+
+/* State of the one connection served. */
+struct conn {
+	int		 fd;
+	int		 dirfd;
+	gnutls_certificate_credentials_t cred;
+	struct timespec	 start;
+	char		 client[INET6_ADDRSTRLEN + 16];
+	char		 sni[4 * 256 + 8];	/* escaped, for logs */
+	const char	*result;
+	char		 why[WHY_LEN];
+	int		 hook_failed;		/* our hook refused, alert pending */
+	int		 alert;
+	int		 rc;
+	char		 keydesc[64];
+};
+
+static volatile sig_atomic_t deadline_hit;
+
+static void usage(void) __attribute__((noreturn));
+
+static void
+usage(void)
 {
-	fputs("respond.c: not yet implemented\n", stderr);
-	return 70;
+	fprintf(stderr,
+	    "usage: %s --certs DIR [--hello-timeout SECS]\n"
+	    "       %s --certs DIR --make NAME AUTH\n"
+	    "       %s --certs DIR --clean NAME\n"
+	    "       %s --certs DIR --check NAME\n",
+	    PROG, PROG, PROG, PROG);
+	exit(EX_USAGE);
+}
+
+static void
+on_alarm(int sig)
+{
+	static const char msg[] = PROG ": handshake deadline passed\n";
+	ssize_t n;
+
+	(void)sig;
+	deadline_hit = 1;
+	n = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+	(void)n;
+	_exit(EX_TEMPFAIL);
+}
+
+static double
+elapsed_ms(const struct timespec *start)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return (now.tv_sec - start->tv_sec) * 1e3 +
+	    (now.tv_nsec - start->tv_nsec) / 1e6;
+}
+
+/* Escape untrusted bytes for a log line: printable ASCII stays, rest \xNN. */
+static void
+escape(char *dst, size_t dstlen, const uint8_t *s, size_t len)
+{
+	static const char hex[] = "0123456789abcdef";
+	size_t i, o = 0;
+
+	if (dstlen == 0)
+		return;
+	for (i = 0; i < len; i++) {
+		uint8_t c = s[i];
+
+		if (c > 0x20 && c < 0x7f && c != '"' && c != '\\') {
+			if (o + 1 >= dstlen)
+				break;
+			dst[o++] = (char)c;
+		} else {
+			if (o + 4 >= dstlen)
+				break;
+			dst[o++] = '\\';
+			dst[o++] = 'x';
+			dst[o++] = hex[c >> 4];
+			dst[o++] = hex[c & 0xf];
+		}
+	}
+	dst[o] = '\0';
+}
+
+static int
+is_hexdigit(int c)
+{
+	return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') ||
+	    (c >= 'A' && c <= 'F');
+}
+
+static int
+hexval(int c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	return c - 'A' + 10;
+}
+
+/*
+ * RFC 8738 section 6: an IP identifier travels as its reverse name.
+ * Accept exactly four decimal octets + "in-addr.arpa" or exactly 32
+ * nibbles + "ip6.arpa"; anything else is not an IP identifier.
+ */
+static int
+reverse_to_ip(const char *name, size_t len, uint8_t *ip, size_t *ip_len)
+{
+	static const char v4[] = ".in-addr.arpa", v6[] = ".ip6.arpa";
+	const char *p;
+	size_t i;
+
+	if (len > sizeof(v4) - 1 &&
+	    strcmp(name + len - (sizeof(v4) - 1), v4) == 0) {
+		p = name;
+		for (i = 0; i < 4; i++) {
+			unsigned v = 0, nd = 0;
+
+			while (*p >= '0' && *p <= '9' && nd < 4) {
+				v = v * 10 + (unsigned)(*p++ - '0');
+				nd++;
+			}
+			if (nd == 0 || nd > 3 || v > 255 ||
+			    (nd > 1 && p[-(int)nd] == '0') || *p != '.')
+				return 0;
+			ip[3 - i] = (uint8_t)v;
+			p++;
+		}
+		if ((size_t)(p - name) != len - (sizeof(v4) - 1) + 1)
+			return 0;
+		*ip_len = 4;
+		return 1;
+	}
+	if (len == 64 + sizeof(v6) - 1 - 1 &&
+	    strcmp(name + 64 - 1, v6) == 0) {
+		memset(ip, 0, 16);
+		for (i = 0; i < 32; i++) {
+			char c = name[2 * i];
+
+			if (!is_hexdigit(c) || name[2 * i + 1] != '.')
+				return 0;
+			/* Nibbles run from the least significant one. */
+			ip[15 - i / 2] |= (uint8_t)(hexval(c) << (4 * (i % 2)));
+		}
+		*ip_len = 16;
+		return 1;
+	}
+	return 0;
+}
+
+static void
+ip_to_reverse(const uint8_t *ip, size_t ip_len, struct ident *id)
+{
+	static const char hex[] = "0123456789abcdef";
+	size_t i, o = 0;
+
+	if (ip_len == 4) {
+		snprintf(id->name, sizeof(id->name), "%u.%u.%u.%u.in-addr.arpa",
+		    ip[3], ip[2], ip[1], ip[0]);
+	} else {
+		for (i = 16; i-- > 0;) {
+			id->name[o++] = hex[ip[i] & 0xf];
+			id->name[o++] = '.';
+			id->name[o++] = hex[ip[i] >> 4];
+			id->name[o++] = '.';
+		}
+		memcpy(id->name + o, "ip6.arpa", sizeof("ip6.arpa"));
+	}
+	id->len = strlen(id->name);
+	id->is_ip = 1;
+	memcpy(id->ip, ip, ip_len);
+	id->ip_len = ip_len;
+}
+
+/*
+ * Turn an SNI host_name (RFC 6066 section 3) or a command-line name into an
+ * identifier: lower case, one trailing dot stripped, then validated as an
+ * LDH host name before it is ever used to build a file name.
+ */
+static int
+ident_from_name(const uint8_t *raw, size_t rawlen, struct ident *id,
+    char *why, size_t whylen)
+{
+	uint8_t tmp[16];
+	size_t i, len = rawlen;
+
+	memset(id, 0, sizeof(*id));
+	if (rawlen == 0) {
+		snprintf(why, whylen, "empty name");
+		return -1;
+	}
+	if (memchr(raw, '\0', rawlen) != NULL) {
+		snprintf(why, whylen, "name contains NUL");
+		return -1;
+	}
+	if (len > 0 && raw[len - 1] == '.')
+		len--;
+	if (len > NAME_LEN) {
+		snprintf(why, whylen, "name longer than %d bytes", NAME_LEN);
+		return -1;
+	}
+	if (memchr(raw, '/', len) != NULL) {
+		snprintf(why, whylen, "name contains '/'");
+		return -1;
+	}
+	for (i = 0; i + 1 < len; i++)
+		if (raw[i] == '.' && raw[i + 1] == '.') {
+			snprintf(why, whylen, "name contains '..'");
+			return -1;
+		}
+	for (i = 0; i < len; i++) {
+		uint8_t c = raw[i];
+
+		id->name[i] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
+	}
+	id->name[len] = '\0';
+	id->len = len;
+	if (inet_pton(AF_INET, id->name, tmp) == 1 ||
+	    inet_pton(AF_INET6, id->name, tmp) == 1) {
+		snprintf(why, whylen, "IP literal (RFC 6066 3 forbids it in SNI)");
+		return -1;
+	}
+	if (!alpn_valid_hostname((const uint8_t *)id->name, len) ||
+	    id->name[0] == '.' || id->name[0] == '-') {
+		snprintf(why, whylen, "not a valid host name");
+		return -1;
+	}
+	id->is_ip = reverse_to_ip(id->name, len, id->ip, &id->ip_len);
+	return 0;
+}
+
+/* A command-line NAME: an IP address (by its reverse name) or a DNS name. */
+static int
+ident_from_arg(const char *arg, struct ident *id, char *why, size_t whylen)
+{
+	uint8_t ip[16];
+
+	memset(id, 0, sizeof(*id));
+	if (inet_pton(AF_INET, arg, ip) == 1) {
+		ip_to_reverse(ip, 4, id);
+		return 0;
+	}
+	if (inet_pton(AF_INET6, arg, ip) == 1) {
+		ip_to_reverse(ip, 16, id);
+		return 0;
+	}
+	return ident_from_name((const uint8_t *)arg, strlen(arg), id, why,
+	    whylen);
+}
+
+/* Read DIR/fname: a regular file, never through a symlink, bounded. */
+static int
+read_file(int dirfd, const char *fname, gnutls_datum_t *out, char *why,
+    size_t whylen)
+{
+	struct stat st;
+	ssize_t n;
+	size_t off = 0;
+	int fd, rc = -1;
+
+	out->data = NULL;
+	out->size = 0;
+	if ((fd = openat(dirfd, fname, O_RDONLY | O_NOFOLLOW | O_CLOEXEC |
+	    O_NONBLOCK | O_NOCTTY)) == -1) {
+		if (errno == ELOOP)
+			snprintf(why, whylen, "%s is a symbolic link", fname);
+		else
+			snprintf(why, whylen, "%s: %s", fname, strerror(errno));
+		return -1;
+	}
+	if (fstat(fd, &st) == -1) {
+		snprintf(why, whylen, "%s: %s", fname, strerror(errno));
+		goto out;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		snprintf(why, whylen, "%s is not a regular file", fname);
+		goto out;
+	}
+	if (st.st_size <= 0 || st.st_size > PEM_MAX) {
+		snprintf(why, whylen, "%s has size %lld (1..%d allowed)", fname,
+		    (long long)st.st_size, PEM_MAX);
+		goto out;
+	}
+	if ((out->data = malloc((size_t)st.st_size + 1)) == NULL) {
+		snprintf(why, whylen, "out of memory");
+		goto out;
+	}
+	while (off < (size_t)st.st_size) {
+		n = read(fd, out->data + off, (size_t)st.st_size - off);
+		if (n == -1 && errno == EINTR)
+			continue;
+		if (n == -1) {
+			snprintf(why, whylen, "%s: %s", fname, strerror(errno));
+			goto out;
+		}
+		if (n == 0)
+			break;
+		off += (size_t)n;
+	}
+	out->data[off] = '\0';
+	out->size = (unsigned)off;
+	rc = 0;
+ out:
+	if (rc == -1) {
+		free(out->data);
+		out->data = NULL;
+	}
+	close(fd);
+	return rc;
+}
+
+static void
+pair_free(struct pair *p)
+{
+	if (p->crt != NULL)
+		gnutls_x509_crt_deinit(p->crt);
+	if (p->key != NULL)
+		gnutls_x509_privkey_deinit(p->key);
+	p->crt = NULL;
+	p->key = NULL;
+}
+
+static void
+describe_key(gnutls_x509_privkey_t key, char *buf, size_t len)
+{
+	gnutls_ecc_curve_t curve;
+	unsigned bits = 0;
+	int pk;
+
+	gnutls_datum_t x, y, k;
+
+	pk = gnutls_x509_privkey_get_pk_algorithm2(key, &bits);
+	if (pk == GNUTLS_PK_ECDSA &&
+	    gnutls_x509_privkey_export_ecc_raw(key, &curve, &x, &y, &k) == 0) {
+		snprintf(buf, len, "ECDSA-%s", gnutls_ecc_curve_get_name(curve));
+		gnutls_memset(k.data, 0, k.size);
+		gnutls_free(x.data);
+		gnutls_free(y.data);
+		gnutls_free(k.data);
+	} else if (pk >= 0)
+		snprintf(buf, len, "%s-%u",
+		    gnutls_pk_get_name((gnutls_pk_algorithm_t)pk), bits);
+	else
+		snprintf(buf, len, "unknown key");
+}
+
+/*
+ * RFC 8737 section 3 and RFC 8738 section 6: the only certificate ever
+ * served is self-signed, carries exactly one subjectAltName entry equal to
+ * the identifier (dNSName, or iPAddress for a reverse name) and exactly one
+ * critical acmeIdentifier extension holding a 32-byte OCTET STRING, and
+ * its key is the one in the key file.
+ */
+static int
+check_pair(const struct ident *id, struct pair *p, char *why, size_t whylen)
+{
+	uint8_t kid1[64], kid2[64];
+	size_t kl1 = sizeof(kid1), kl2 = sizeof(kid2);
+	gnutls_datum_t san, ext;
+	unsigned status = 0, critical, san_type, i;
+	char oid[128];
+	size_t oid_size;
+	int found = 0, ret, nsan = 0, san_ok = 0;
+
+	if (gnutls_x509_crt_get_key_id(p->crt, GNUTLS_KEYID_USE_SHA256,
+	    kid1, &kl1) < 0 ||
+	    gnutls_x509_privkey_get_key_id(p->key, GNUTLS_KEYID_USE_SHA256,
+	    kid2, &kl2) < 0 || kl1 != kl2 || memcmp(kid1, kid2, kl1) != 0) {
+		snprintf(why, whylen, "key does not match certificate");
+		return -1;
+	}
+	if (!gnutls_x509_crt_check_issuer(p->crt, p->crt)) {
+		snprintf(why, whylen, "not self-signed: issuer is not the "
+		    "subject");
+		return -1;
+	}
+	ret = gnutls_x509_crt_verify(p->crt, &p->crt, 1,
+	    GNUTLS_VERIFY_DO_NOT_ALLOW_SAME | GNUTLS_VERIFY_DISABLE_CA_SIGN |
+	    GNUTLS_VERIFY_DISABLE_TIME_CHECKS |
+	    GNUTLS_VERIFY_DISABLE_TRUSTED_TIME_CHECKS |
+	    GNUTLS_VERIFY_IGNORE_UNKNOWN_CRIT_EXTENSIONS, &status);
+	if (ret < 0 || status != 0) {
+		snprintf(why, whylen, "not self-signed: signature does not "
+		    "verify with its own key (status 0x%x)", status);
+		return -1;
+	}
+
+	for (i = 0; i < 64; i++) {
+		size_t sz = 0;
+
+		ret = gnutls_x509_crt_get_subject_alt_name2(p->crt, i, NULL,
+		    &sz, &san_type, &critical);
+		if (ret == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE)
+			break;
+		if (ret < 0 && ret != GNUTLS_E_SHORT_MEMORY_BUFFER) {
+			snprintf(why, whylen, "subjectAltName unreadable: %s",
+			    gnutls_strerror(ret));
+			return -1;
+		}
+		nsan++;
+	}
+	if (nsan != 1) {
+		snprintf(why, whylen, "%d subjectAltName entries, RFC 8737 "
+		    "wants exactly one", nsan);
+		return -1;
+	}
+	{
+		uint8_t buf[1024];
+		size_t sz = sizeof(buf);
+
+		ret = gnutls_x509_crt_get_subject_alt_name2(p->crt, 0, buf, &sz,
+		    &san_type, &critical);
+		if (ret < 0) {
+			snprintf(why, whylen, "subjectAltName unreadable: %s",
+			    gnutls_strerror(ret));
+			return -1;
+		}
+		san.data = buf;
+		san.size = (unsigned)sz;
+		if (id->is_ip) {
+			if (ret != GNUTLS_SAN_IPADDRESS)
+				snprintf(why, whylen, "subjectAltName is not "
+				    "an iPAddress (RFC 8738)");
+			else if (san.size != id->ip_len ||
+			    memcmp(san.data, id->ip, id->ip_len) != 0)
+				snprintf(why, whylen, "subjectAltName iPAddress "
+				    "is not the address of %s", id->name);
+			else
+				san_ok = 1;
+		} else {
+			size_t k;
+
+			if (ret != GNUTLS_SAN_DNSNAME)
+				snprintf(why, whylen, "subjectAltName is not "
+				    "a dNSName");
+			else if (san.size != id->len) {
+				escape(oid, sizeof(oid), san.data, san.size);
+				snprintf(why, whylen, "subjectAltName dNSName "
+				    "'%s' is not %s", oid, id->name);
+			} else {
+				san_ok = 1;
+				for (k = 0; k < id->len; k++) {
+					uint8_t c = san.data[k];
+
+					if (c >= 'A' && c <= 'Z')
+						c += 32;
+					if (c != (uint8_t)id->name[k])
+						san_ok = 0;
+				}
+				if (!san_ok) {
+					escape(oid, sizeof(oid), san.data,
+					    san.size);
+					snprintf(why, whylen, "subjectAltName "
+					    "dNSName '%s' is not %s", oid,
+					    id->name);
+				}
+			}
+		}
+		if (!san_ok)
+			return -1;
+	}
+
+	for (i = 0;; i++) {
+		oid_size = sizeof(oid);
+		ret = gnutls_x509_crt_get_extension_info(p->crt, i, oid,
+		    &oid_size, &critical);
+		if (ret == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE)
+			break;
+		if (ret < 0) {
+			snprintf(why, whylen, "extension %u unreadable: %s", i,
+			    gnutls_strerror(ret));
+			return -1;
+		}
+		if (strcmp(oid, ACME_OID) != 0)
+			continue;
+		if (found++) {
+			snprintf(why, whylen, "acmeIdentifier extension "
+			    "appears twice");
+			return -1;
+		}
+		if (!critical) {
+			snprintf(why, whylen, "acmeIdentifier extension is not "
+			    "critical");
+			return -1;
+		}
+		if ((ret = gnutls_x509_crt_get_extension_data2(p->crt, i,
+		    &ext)) < 0) {
+			snprintf(why, whylen, "acmeIdentifier unreadable: %s",
+			    gnutls_strerror(ret));
+			return -1;
+		}
+		/* Authorization ::= OCTET STRING (SIZE (32)), RFC 8737 3 */
+		if (ext.size != 2 + DIGEST_LEN || ext.data[0] != 0x04 ||
+		    ext.data[1] != DIGEST_LEN) {
+			snprintf(why, whylen, "acmeIdentifier is not a 32-byte "
+			    "OCTET STRING (%u bytes of DER)", ext.size);
+			gnutls_free(ext.data);
+			return -1;
+		}
+		memcpy(p->digest, ext.data + 2, DIGEST_LEN);
+		gnutls_free(ext.data);
+	}
+	if (!found) {
+		snprintf(why, whylen, "no acmeIdentifier extension (%s)",
+		    ACME_OID);
+		return -1;
+	}
+	return 0;
+}
+
+/* Load NAME.crt.pem and NAME.key.pem from the directory and check them. */
+static int
+load_pair(int dirfd, const struct ident *id, struct pair *p, char *why,
+    size_t whylen)
+{
+	gnutls_datum_t crtpem = { NULL, 0 }, keypem = { NULL, 0 };
+	gnutls_x509_crt_t *list = NULL;
+	unsigned n = 0, i;
+	char fname[NAME_LEN + 16];
+	int ret, rc = -1;
+
+	memset(p, 0, sizeof(*p));
+	snprintf(fname, sizeof(fname), "%s.crt.pem", id->name);
+	if (read_file(dirfd, fname, &crtpem, why, whylen) == -1)
+		goto out;
+	snprintf(fname, sizeof(fname), "%s.key.pem", id->name);
+	if (read_file(dirfd, fname, &keypem, why, whylen) == -1)
+		goto out;
+
+	ret = gnutls_x509_crt_list_import2(&list, &n, &crtpem,
+	    GNUTLS_X509_FMT_PEM, 0);
+	if (ret < 0) {
+		snprintf(why, whylen, "%s.crt.pem: %s", id->name,
+		    gnutls_strerror(ret));
+		goto out;
+	}
+	if (n != 1) {
+		snprintf(why, whylen, "%s.crt.pem holds %u certificates, a "
+		    "challenge has one", id->name, n);
+		goto out;
+	}
+	p->crt = list[0];
+	list[0] = NULL;
+
+	if ((ret = gnutls_x509_privkey_init(&p->key)) < 0 ||
+	    (ret = gnutls_x509_privkey_import2(p->key, &keypem,
+	    GNUTLS_X509_FMT_PEM, NULL, GNUTLS_PKCS_PLAIN)) < 0) {
+		snprintf(why, whylen, "%s.key.pem: %s", id->name,
+		    gnutls_strerror(ret));
+		goto out;
+	}
+	describe_key(p->key, p->keydesc, sizeof(p->keydesc));
+	if (check_pair(id, p, why, whylen) == -1)
+		goto out;
+	rc = 0;
+ out:
+	for (i = 0; i < n; i++)
+		if (list[i] != NULL)
+			gnutls_x509_crt_deinit(list[i]);
+	gnutls_free(list);
+	if (keypem.data != NULL) {
+		gnutls_memset(keypem.data, 0, keypem.size);
+		free(keypem.data);
+	}
+	free(crtpem.data);
+	if (rc == -1)
+		pair_free(p);
+	return rc;
+}
+
+static void
+log_conn(struct conn *c)
+{
+	const char *js = getenv("JOURNAL_STREAM");
+	double ms = elapsed_ms(&c->start);
+	unsigned long long dev, ino;
+	struct stat st;
+
+	/* JOURNAL_STREAM=dev:ino names our stderr only if it still matches. */
+	if (js != NULL && sscanf(js, "%llu:%llu", &dev, &ino) == 2 &&
+	    fstat(STDERR_FILENO, &st) == 0 && (unsigned long long)st.st_dev ==
+	    dev && (unsigned long long)st.st_ino == ino) {
+		sd_journal_send(
+		    "MESSAGE=%s %s %s \"%s\" %.1fms", c->client, c->sni,
+		    c->result, c->why, ms,
+		    "PRIORITY=%d", c->rc == 0 ? 6 : 5,
+		    "SYSLOG_IDENTIFIER=%s", PROG,
+		    "ALPND_CLIENT=%s", c->client,
+		    "ALPND_SNI=%s", c->sni,
+		    "ALPND_RESULT=%s", c->result,
+		    "ALPND_REASON=%s", c->why,
+		    "ALPND_KEY=%s", c->keydesc[0] ? c->keydesc : "-",
+		    "ALPND_DURATION_MS=%.3f", ms,
+		    "ALPND_EXIT=%d", c->rc,
+		    NULL);
+		return;
+	}
+	fprintf(stderr, "%s[%ld]: %s %s %s \"%s\" %.1fms\n", PROG,
+	    (long)getpid(), c->client, c->sni, c->result, c->why, ms);
+}
+
+static void
+peer_name(int fd, char *buf, size_t len)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	char host[INET6_ADDRSTRLEN];
+	const char *env;
+
+	/* The router may know better (it consumed a PROXY header). */
+	if ((env = getenv("ALPND_CLIENT")) != NULL && *env != '\0') {
+		escape(buf, len, (const uint8_t *)env, strnlen(env, 64));
+		return;
+	}
+	snprintf(buf, len, "-");
+	if (getpeername(fd, (struct sockaddr *)&ss, &sl) == -1)
+		return;
+	if (ss.ss_family == AF_INET) {
+		struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+
+		inet_ntop(AF_INET, &s4->sin_addr, host, sizeof(host));
+		snprintf(buf, len, "%s:%u", host, ntohs(s4->sin_port));
+	} else if (ss.ss_family == AF_INET6) {
+		struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+
+		if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
+			inet_ntop(AF_INET, &s6->sin6_addr.s6_addr[12], host,
+			    sizeof(host));
+			snprintf(buf, len, "%s:%u", host, ntohs(s6->sin6_port));
+		} else {
+			inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof(host));
+			snprintf(buf, len, "[%s]:%u", host,
+			    ntohs(s6->sin6_port));
+		}
+	} else if (ss.ss_family == AF_UNIX)
+		snprintf(buf, len, "unix");
+}
+
+/*
+ * Called by GnuTLS once the ClientHello is parsed, before the cipher suite
+ * and certificate are chosen: pick the certificate by SNI, or refuse.
+ */
+static int
+post_client_hello(gnutls_session_t session)
+{
+	struct conn *c = gnutls_session_get_ptr(session);
+	char raw[SNI_RAW_MAX];
+	size_t rawlen = sizeof(raw);
+	unsigned type;
+	gnutls_datum_t proto;
+	struct ident id;
+	struct pair p;
+	int ret;
+
+	c->hook_failed = 1;
+	ret = gnutls_server_name_get(session, raw, &rawlen, &type, 0);
+	if (ret == 0 && type == GNUTLS_NAME_DNS)
+		escape(c->sni, sizeof(c->sni), (const uint8_t *)raw,
+		    rawlen < sizeof(raw) ? rawlen : sizeof(raw) - 1);
+	if (gnutls_alpn_get_selected_protocol(session, &proto) != 0 ||
+	    proto.size != strlen(ALPN_ACME) ||
+	    memcmp(proto.data, ALPN_ACME, proto.size) != 0) {
+		c->result = "no_acme_alpn";
+		snprintf(c->why, sizeof(c->why), "client did not offer %s",
+		    ALPN_ACME);
+		c->alert = GNUTLS_A_NO_APPLICATION_PROTOCOL;
+		return GNUTLS_E_NO_APPLICATION_PROTOCOL;
+	}
+	c->result = "unrecognized_name";
+	c->alert = GNUTLS_A_UNRECOGNIZED_NAME;
+	if (ret == GNUTLS_E_SHORT_MEMORY_BUFFER) {
+		snprintf(c->why, sizeof(c->why), "SNI longer than %d bytes",
+		    SNI_RAW_MAX - 1);
+		return GNUTLS_E_UNRECOGNIZED_NAME;
+	}
+	if (ret < 0 || type != GNUTLS_NAME_DNS) {
+		snprintf(c->why, sizeof(c->why), "no SNI host_name");
+		return GNUTLS_E_UNRECOGNIZED_NAME;
+	}
+	/* GnuTLS NUL-terminates; a shorter string means an embedded NUL. */
+	if (rawlen >= sizeof(raw) || strlen(raw) != rawlen) {
+		snprintf(c->why, sizeof(c->why), "SNI contains NUL");
+		return GNUTLS_E_UNRECOGNIZED_NAME;
+	}
+	if (ident_from_name((const uint8_t *)raw, rawlen, &id, c->why,
+	    sizeof(c->why)) == -1)
+		return GNUTLS_E_UNRECOGNIZED_NAME;
+	if (load_pair(c->dirfd, &id, &p, c->why, sizeof(c->why)) == -1)
+		return GNUTLS_E_UNRECOGNIZED_NAME;
+	snprintf(c->keydesc, sizeof(c->keydesc), "%s", p.keydesc);
+	ret = gnutls_certificate_set_x509_key(c->cred, &p.crt, 1, p.key);
+	pair_free(&p);
+	if (ret < 0) {
+		snprintf(c->why, sizeof(c->why), "GnuTLS refused the pair: %s",
+		    gnutls_strerror(ret));
+		return GNUTLS_E_UNRECOGNIZED_NAME;
+	}
+	c->hook_failed = 0;
+	c->alert = -1;
+	c->result = NULL;
+	c->why[0] = '\0';
+	return 0;
+}
+
+/* After close_notify, read what the client still sends until EOF, briefly. */
+static void
+drain(int fd)
+{
+	struct timespec start;
+	struct pollfd pfd;
+	char buf[4096];
+	size_t total = 0;
+	ssize_t n;
+	double left;
+
+	clock_gettime(CLOCK_MONOTONIC, &start);
+	shutdown(fd, SHUT_WR);
+	while (total < DRAIN_MAX) {
+		left = DRAIN_MS - elapsed_ms(&start);
+		if (left <= 0)
+			break;
+		pfd.fd = fd;
+		pfd.events = POLLIN;
+		if (poll(&pfd, 1, (int)left + 1) <= 0)
+			break;
+		n = read(fd, buf, sizeof(buf));
+		if (n <= 0)
+			break;
+		total += (size_t)n;
+	}
+}
+
+static int
+connection_fd(void)
+{
+	int n, fd, type = 0, acc = 0;
+	socklen_t sl;
+	struct stat st;
+
+	n = sd_listen_fds(1);
+	if (n < 0) {
+		fprintf(stderr, "%s: LISTEN_FDS: %s\n", PROG, strerror(-n));
+		return -1;
+	}
+	if (n > 1) {
+		fprintf(stderr, "%s: LISTEN_FDS=%d, expected one connection\n",
+		    PROG, n);
+		return -1;
+	}
+	fd = n == 1 ? SD_LISTEN_FDS_START : STDIN_FILENO;
+	if (fstat(fd, &st) == -1 || !S_ISSOCK(st.st_mode)) {
+		fprintf(stderr, "%s: fd %d is not a socket; run me from alpnd, "
+		    "inetd or a socket unit with Accept=yes\n", PROG, fd);
+		return -1;
+	}
+	sl = sizeof(type);
+	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &sl) == -1 ||
+	    type != SOCK_STREAM) {
+		fprintf(stderr, "%s: fd %d is not a stream socket\n", PROG, fd);
+		return -1;
+	}
+	sl = sizeof(acc);
+	if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &sl) == 0 && acc) {
+		fprintf(stderr, "%s: fd %d is a listening socket; I serve one "
+		    "accepted connection (Accept=yes)\n", PROG, fd);
+		return -1;
+	}
+	return fd;
+}
+
+static int
+serve(int dirfd, int timeout)
+{
+	static const gnutls_datum_t acme = {
+		(unsigned char *)(uintptr_t)ALPN_ACME, sizeof(ALPN_ACME) - 1
+	};
+	struct conn c;
+	gnutls_session_t session = NULL;
+	gnutls_datum_t proto;
+	struct sigaction sa;
+	int fd, ret;
+
+	memset(&c, 0, sizeof(c));
+	clock_gettime(CLOCK_MONOTONIC, &c.start);
+	snprintf(c.sni, sizeof(c.sni), "-");
+	c.dirfd = dirfd;
+	c.alert = -1;
+	c.rc = EX_SOFTWARE;
+	if ((fd = connection_fd()) == -1)
+		return EX_USAGE;
+	c.fd = fd;
+	peer_name(fd, c.client, sizeof(c.client));
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = SIG_IGN;
+	sigaction(SIGPIPE, &sa, NULL);
+	/* Backstop only; GnuTLS's own handshake timeout fires first. */
+	sa.sa_handler = on_alarm;
+	sigaction(SIGALRM, &sa, NULL);
+	alarm((unsigned)timeout + 2);
+
+	if ((ret = gnutls_certificate_allocate_credentials(&c.cred)) < 0 ||
+	    (ret = gnutls_init(&session, GNUTLS_SERVER | GNUTLS_NO_TICKETS |
+	    GNUTLS_NO_SIGNAL)) < 0 ||
+	    (ret = gnutls_priority_set_direct(session,
+	    "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2", NULL)) < 0 ||
+	    (ret = gnutls_credentials_set(session, GNUTLS_CRD_CERTIFICATE,
+	    c.cred)) < 0 ||
+	    (ret = gnutls_alpn_set_protocols(session, &acme, 1,
+	    GNUTLS_ALPN_MANDATORY | GNUTLS_ALPN_SERVER_PRECEDENCE)) < 0) {
+		c.result = "error";
+		snprintf(c.why, sizeof(c.why), "GnuTLS setup: %s",
+		    gnutls_strerror(ret));
+		c.rc = EX_SOFTWARE;
+		goto out;
+	}
+	gnutls_session_set_ptr(session, &c);
+	gnutls_handshake_set_post_client_hello_function(session,
+	    post_client_hello);
+	gnutls_transport_set_int(session, fd);
+	gnutls_handshake_set_timeout(session, (unsigned)timeout * 1000);
+
+	do {
+		ret = gnutls_handshake(session);
+	} while (ret < 0 && gnutls_error_is_fatal(ret) == 0);
+
+	if (ret < 0) {
+		if (c.hook_failed) {
+			/* Our refusal: the reason is already in c.why. */
+			if (c.alert >= 0)
+				gnutls_alert_send(session, GNUTLS_AL_FATAL,
+				    (gnutls_alert_description_t)c.alert);
+			c.rc = EX_DATAERR;
+		} else if (ret == GNUTLS_E_TIMEDOUT) {
+			c.result = "timeout";
+			snprintf(c.why, sizeof(c.why), "no complete handshake "
+			    "within %ds", timeout);
+			c.rc = EX_TEMPFAIL;
+		} else if (ret == GNUTLS_E_PREMATURE_TERMINATION ||
+		    ret == GNUTLS_E_PULL_ERROR || ret == GNUTLS_E_PUSH_ERROR) {
+			c.result = "io_error";
+			snprintf(c.why, sizeof(c.why), "%s",
+			    gnutls_strerror(ret));
+			c.rc = EX_IOERR;
+		} else {
+			if (ret == GNUTLS_E_NO_APPLICATION_PROTOCOL)
+				c.result = "no_acme_alpn";
+			else
+				c.result = "tls_error";
+			if (ret == GNUTLS_E_WARNING_ALERT_RECEIVED ||
+			    ret == GNUTLS_E_FATAL_ALERT_RECEIVED)
+				snprintf(c.why, sizeof(c.why), "%s: %s",
+				    gnutls_strerror(ret), gnutls_alert_get_name(
+				    gnutls_alert_get(session)));
+			else
+				snprintf(c.why, sizeof(c.why), "%s",
+				    gnutls_strerror(ret));
+			gnutls_alert_send_appropriate(session, ret);
+			c.rc = EX_DATAERR;
+		}
+		goto out;
+	}
+
+	/* Belt and braces: the handshake did agree on acme-tls/1. */
+	if (gnutls_alpn_get_selected_protocol(session, &proto) != 0 ||
+	    proto.size != sizeof(ALPN_ACME) - 1 ||
+	    memcmp(proto.data, ALPN_ACME, proto.size) != 0) {
+		c.result = "no_acme_alpn";
+		snprintf(c.why, sizeof(c.why), "handshake ended without %s",
+		    ALPN_ACME);
+		c.rc = EX_DATAERR;
+		goto out;
+	}
+	c.result = "ok";
+	snprintf(c.why, sizeof(c.why), "%s %s %s",
+	    gnutls_protocol_get_name(gnutls_protocol_get_version(session)),
+	    gnutls_cipher_get_name(gnutls_cipher_get(session)), c.keydesc);
+	c.rc = EX_OK;
+	/* RFC 8737 section 3: no application data; close right away. */
+	gnutls_bye(session, GNUTLS_SHUT_WR);
+	drain(fd);
+ out:
+	alarm(0);
+	log_conn(&c);
+	if (session != NULL)
+		gnutls_deinit(session);
+	if (c.cred != NULL)
+		gnutls_certificate_free_credentials(c.cred);
+	close(fd);
+	return c.rc;
+}
+
+static int
+b64url_val(int c)
+{
+	if (c >= 'A' && c <= 'Z')
+		return c - 'A';
+	if (c >= 'a' && c <= 'z')
+		return c - 'a' + 26;
+	if (c >= '0' && c <= '9')
+		return c - '0' + 52;
+	if (c == '-')
+		return 62;
+	if (c == '_')
+		return 63;
+	return -1;
+}
+
+/*
+ * AUTH: the key authorization "token.thumbprint" (RFC 8555 8.1), hashed
+ * here; or its SHA-256 already, as unpadded base64url (43 characters) or
+ * hex (64 digits, optionally colon-separated pairs).
+ */
+static int
+parse_auth(const char *auth, uint8_t *digest, char *why, size_t whylen)
+{
+	size_t len = strlen(auth), i, nd;
+	uint32_t acc = 0;
+	int bits = 0, v;
+
+	if (strchr(auth, '.') != NULL) {
+		const char *dot = strchr(auth, '.');
+
+		if (len > 1024 || dot == auth || dot[1] == '\0' ||
+		    strchr(dot + 1, '.') != NULL) {
+			snprintf(why, whylen, "key authorization is not "
+			    "token.thumbprint");
+			return -1;
+		}
+		for (i = 0; i < len; i++)
+			if (auth[i] != '.' && b64url_val(auth[i]) < 0) {
+				snprintf(why, whylen, "key authorization has a "
+				    "character outside base64url");
+				return -1;
+			}
+		if (gnutls_hash_fast(GNUTLS_DIG_SHA256, auth, len, digest) < 0) {
+			snprintf(why, whylen, "SHA-256 failed");
+			return -1;
+		}
+		return 0;
+	}
+	if (len == 43) {
+		nd = 0;
+		for (i = 0; i < len; i++) {
+			if ((v = b64url_val(auth[i])) < 0)
+				goto hex;
+			acc = (acc << 6) | (uint32_t)v;
+			bits += 6;
+			if (bits >= 8) {
+				bits -= 8;
+				digest[nd++] = (uint8_t)(acc >> bits);
+			}
+		}
+		if ((acc & ((1u << bits) - 1)) != 0) {
+			snprintf(why, whylen, "base64url digest is not "
+			    "canonical");
+			return -1;
+		}
+		return 0;
+	}
+ hex:
+	nd = 0;
+	for (i = 0; i < len;) {
+		if (nd == DIGEST_LEN || !is_hexdigit(auth[i]) ||
+		    !is_hexdigit(auth[i + 1]))
+			goto bad;
+		digest[nd++] = (uint8_t)(hexval(auth[i]) << 4 |
+		    hexval(auth[i + 1]));
+		i += 2;
+		if (auth[i] == ':' && auth[i + 1] != '\0')
+			i++;
+		else if (auth[i] != '\0' && (auth[i] == ':' ||
+		    strchr(auth, ':') != NULL))
+			goto bad;
+	}
+	if (nd == DIGEST_LEN)
+		return 0;
+ bad:
+	snprintf(why, whylen, "AUTH is neither a key authorization nor a "
+	    "SHA-256 digest (43 base64url characters or 64 hex digits)");
+	return -1;
+}
+
+/* Write DIR/fname atomically: a dot-file (never a valid name), then rename. */
+static int
+write_atomic(int dirfd, const char *fname, const gnutls_datum_t *d,
+    mode_t mode, gid_t gid)
+{
+	char tmp[NAME_LEN + 64];
+	uint8_t rnd[8];
+	size_t off = 0;
+	ssize_t n;
+	int fd, rc = -1;
+
+	if (gnutls_rnd(GNUTLS_RND_NONCE, rnd, sizeof(rnd)) < 0)
+		return -1;
+	snprintf(tmp, sizeof(tmp), ".%s.%02x%02x%02x%02x%02x%02x%02x%02x",
+	    fname, rnd[0], rnd[1], rnd[2], rnd[3], rnd[4], rnd[5], rnd[6],
+	    rnd[7]);
+	if ((fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC |
+	    O_NOFOLLOW, 0600)) == -1) {
+		fprintf(stderr, "%s: %s: %s\n", PROG, tmp, strerror(errno));
+		return -1;
+	}
+	/* Group: the directory's (the certs group), if we may; else ours. */
+	if (gid != (gid_t)-1 && fchown(fd, (uid_t)-1, gid) == -1 &&
+	    errno != EPERM)
+		fprintf(stderr, "%s: %s: chown: %s\n", PROG, tmp,
+		    strerror(errno));
+	if (fchmod(fd, mode) == -1) {
+		fprintf(stderr, "%s: %s: chmod: %s\n", PROG, tmp,
+		    strerror(errno));
+		goto out;
+	}
+	while (off < d->size) {
+		n = write(fd, d->data + off, d->size - off);
+		if (n == -1 && errno == EINTR)
+			continue;
+		if (n == -1) {
+			fprintf(stderr, "%s: %s: %s\n", PROG, tmp,
+			    strerror(errno));
+			goto out;
+		}
+		off += (size_t)n;
+	}
+	if (fsync(fd) == -1) {
+		fprintf(stderr, "%s: %s: fsync: %s\n", PROG, tmp,
+		    strerror(errno));
+		goto out;
+	}
+	if (renameat(dirfd, tmp, dirfd, fname) == -1) {
+		fprintf(stderr, "%s: rename %s: %s\n", PROG, fname,
+		    strerror(errno));
+		goto out;
+	}
+	rc = 0;
+ out:
+	close(fd);
+	if (rc == -1)
+		unlinkat(dirfd, tmp, 0);
+	return rc;
+}
+
+static int
+make(int dirfd, const char *name, const char *auth)
+{
+	gnutls_x509_privkey_t key = NULL;
+	gnutls_x509_crt_t crt = NULL;
+	gnutls_datum_t keypem = { NULL, 0 }, crtpem = { NULL, 0 };
+	uint8_t digest[DIGEST_LEN], der[2 + DIGEST_LEN], serial[16];
+	char why[WHY_LEN], fname[NAME_LEN + 16];
+	const char *cn;
+	struct ident id;
+	struct stat st;
+	time_t now = time(NULL);
+	int ret, rc = EX_SOFTWARE;
+
+	if (ident_from_arg(name, &id, why, sizeof(why)) == -1) {
+		fprintf(stderr, "%s: %s: %s\n", PROG, name, why);
+		return EX_DATAERR;
+	}
+	if (parse_auth(auth, digest, why, sizeof(why)) == -1) {
+		fprintf(stderr, "%s: %s\n", PROG, why);
+		return EX_DATAERR;
+	}
+	if (fstat(dirfd, &st) == -1) {
+		fprintf(stderr, "%s: certs directory: %s\n", PROG,
+		    strerror(errno));
+		return EX_IOERR;
+	}
+
+	der[0] = 0x04;			/* OCTET STRING */
+	der[1] = DIGEST_LEN;
+	memcpy(der + 2, digest, DIGEST_LEN);
+	if (gnutls_rnd(GNUTLS_RND_NONCE, serial, sizeof(serial)) < 0)
+		goto out;
+	/* A positive INTEGER with a minimal DER encoding. */
+	serial[0] = (uint8_t)((serial[0] & 0x7f) | 0x40);
+	cn = id.len <= 64 ? id.name : "acme-tls/1 challenge";
+	if ((ret = gnutls_x509_privkey_init(&key)) < 0 ||
+	    (ret = gnutls_x509_privkey_generate(key, GNUTLS_PK_ECDSA,
+	    GNUTLS_CURVE_TO_BITS(GNUTLS_ECC_CURVE_SECP256R1), 0)) < 0 ||
+	    (ret = gnutls_x509_crt_init(&crt)) < 0 ||
+	    (ret = gnutls_x509_crt_set_version(crt, 3)) < 0 ||
+	    (ret = gnutls_x509_crt_set_serial(crt, serial,
+	    sizeof(serial))) < 0 ||
+	    (ret = gnutls_x509_crt_set_activation_time(crt, now - 3600)) < 0 ||
+	    (ret = gnutls_x509_crt_set_expiration_time(crt,
+	    now + CHALLENGE_DAYS * 86400)) < 0 ||
+	    (ret = gnutls_x509_crt_set_dn_by_oid(crt,
+	    GNUTLS_OID_X520_COMMON_NAME, 0, cn, (unsigned)strlen(cn))) < 0 ||
+	    (ret = gnutls_x509_crt_set_key(crt, key)) < 0 ||
+	    (ret = gnutls_x509_crt_set_subject_alt_name(crt,
+	    id.is_ip ? GNUTLS_SAN_IPADDRESS : GNUTLS_SAN_DNSNAME,
+	    id.is_ip ? (const void *)id.ip : (const void *)id.name,
+	    id.is_ip ? (unsigned)id.ip_len : (unsigned)id.len,
+	    GNUTLS_FSAN_SET)) < 0 ||
+	    (ret = gnutls_x509_crt_set_basic_constraints(crt, 0, -1)) < 0 ||
+	    (ret = gnutls_x509_crt_set_key_usage(crt,
+	    GNUTLS_KEY_DIGITAL_SIGNATURE)) < 0 ||
+	    (ret = gnutls_x509_crt_set_extension_by_oid(crt, ACME_OID, der,
+	    sizeof(der), 1)) < 0 ||
+	    (ret = gnutls_x509_crt_sign2(crt, crt, key, GNUTLS_DIG_SHA256,
+	    0)) < 0 ||
+	    (ret = gnutls_x509_privkey_export2_pkcs8(key, GNUTLS_X509_FMT_PEM,
+	    NULL, GNUTLS_PKCS_PLAIN, &keypem)) < 0 ||
+	    (ret = gnutls_x509_crt_export2(crt, GNUTLS_X509_FMT_PEM,
+	    &crtpem)) < 0) {
+		fprintf(stderr, "%s: making the certificate: %s\n", PROG,
+		    gnutls_strerror(ret));
+		goto out;
+	}
+	/* Key first: a new certificate never meets an old key. */
+	rc = EX_IOERR;
+	snprintf(fname, sizeof(fname), "%s.key.pem", id.name);
+	if (write_atomic(dirfd, fname, &keypem, 0640, st.st_gid) == -1)
+		goto out;
+	snprintf(fname, sizeof(fname), "%s.crt.pem", id.name);
+	if (write_atomic(dirfd, fname, &crtpem, 0644, st.st_gid) == -1)
+		goto out;
+	if (fsync(dirfd) == -1 && errno != EINVAL)
+		fprintf(stderr, "%s: fsync certs directory: %s\n", PROG,
+		    strerror(errno));
+	rc = EX_OK;
+ out:
+	if (keypem.data != NULL) {
+		gnutls_memset(keypem.data, 0, keypem.size);
+		gnutls_free(keypem.data);
+	}
+	gnutls_free(crtpem.data);
+	if (crt != NULL)
+		gnutls_x509_crt_deinit(crt);
+	if (key != NULL)
+		gnutls_x509_privkey_deinit(key);
+	return rc;
+}
+
+static int
+clean(int dirfd, const char *name)
+{
+	char why[WHY_LEN], fname[NAME_LEN + 16];
+	static const char *const sfx[] = { ".crt.pem", ".key.pem" };
+	struct ident id;
+	size_t i;
+	int rc = EX_OK;
+
+	if (ident_from_arg(name, &id, why, sizeof(why)) == -1) {
+		fprintf(stderr, "%s: %s: %s\n", PROG, name, why);
+		return EX_DATAERR;
+	}
+	for (i = 0; i < 2; i++) {
+		snprintf(fname, sizeof(fname), "%s%s", id.name, sfx[i]);
+		if (unlinkat(dirfd, fname, 0) == -1 && errno != ENOENT) {
+			fprintf(stderr, "%s: %s: %s\n", PROG, fname,
+			    strerror(errno));
+			rc = EX_IOERR;
+		}
+	}
+	return rc;
+}
+
+/* Say whether NAME's pair would be served, and why not. */
+static int
+check(int dirfd, const char *name)
+{
+	char why[WHY_LEN], hex[2 * DIGEST_LEN + 1];
+	struct ident id;
+	struct pair p;
+	size_t i;
+
+	if (ident_from_arg(name, &id, why, sizeof(why)) == -1) {
+		printf("%s: not served: %s\n", name, why);
+		return EX_DATAERR;
+	}
+	if (load_pair(dirfd, &id, &p, why, sizeof(why)) == -1) {
+		printf("%s: not served: %s\n", id.name, why);
+		return EX_DATAERR;
+	}
+	for (i = 0; i < DIGEST_LEN; i++)
+		snprintf(hex + 2 * i, 3, "%02x", p.digest[i]);
+	printf("%s: ok: %s, %s %s, acmeIdentifier %s\n", id.name, p.keydesc,
+	    id.is_ip ? "iPAddress for" : "dNSName", id.name, hex);
+	pair_free(&p);
+	return EX_OK;
+}
+
+int
+main(int argc, char *argv[])
+{
+	static const struct option longopts[] = {
+		{ "certs",		required_argument,	NULL, 'd' },
+		{ "hello-timeout",	required_argument,	NULL, 't' },
+		{ "make",		no_argument,		NULL, 'm' },
+		{ "clean",		no_argument,		NULL, 'c' },
+		{ "check",		no_argument,		NULL, 'k' },
+		{ "version",		no_argument,		NULL, 'V' },
+		{ "help",		no_argument,		NULL, 'h' },
+		{ NULL,			0,			NULL, 0 }
+	};
+	const char *dir = NULL;
+	char *end;
+	long timeout = 10;
+	int ch, mode = 0, dirfd, rc;
+
+	while ((ch = getopt_long(argc, argv, "d:t:Vh", longopts, NULL)) != -1) {
+		switch (ch) {
+		case 'd':
+			dir = optarg;
+			break;
+		case 't':
+			errno = 0;
+			timeout = strtol(optarg, &end, 10);
+			if (errno != 0 || end == optarg || *end != '\0' ||
+			    timeout < 1 || timeout > 3600) {
+				fprintf(stderr, "%s: --hello-timeout: 1..3600 "
+				    "seconds\n", PROG);
+				return EX_USAGE;
+			}
+			break;
+		case 'm':
+		case 'c':
+		case 'k':
+			if (mode != 0)
+				usage();
+			mode = ch;
+			break;
+		case 'V':
+			printf("%s %s\n", PROG, ALPND_VERSION);
+			return EX_OK;
+		case 'h':
+		default:
+			usage();
+		}
+	}
+	argc -= optind;
+	argv += optind;
+	if (dir == NULL)
+		usage();
+	if ((mode == 'm' && argc != 2) || ((mode == 'c' || mode == 'k') &&
+	    argc != 1) || (mode == 0 && argc != 0))
+		usage();
+
+	if ((dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) == -1) {
+		fprintf(stderr, "%s: %s: %s\n", PROG, dir, strerror(errno));
+		return EX_UNAVAILABLE;
+	}
+	switch (mode) {
+	case 'm':
+		rc = make(dirfd, argv[0], argv[1]);
+		break;
+	case 'c':
+		rc = clean(dirfd, argv[0]);
+		break;
+	case 'k':
+		rc = check(dirfd, argv[0]);
+		break;
+	default:
+		rc = serve(dirfd, (int)timeout);
+		break;
+	}
+	close(dirfd);
+	return rc;
 }
