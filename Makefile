@@ -30,6 +30,11 @@ SAN		= -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-po
 FUZZ_SECONDS	?= 60
 
 PROGS		= alpnd alpnd-respond
+# Installed into DOCDIR/examples; placeholders substituted like the units'.
+EXAMPLES	= default-alpnd dehydrated-hook haproxy-backend.cfg nginx-backend.conf \
+		  tcpserver-run xinetd.alpnd
+SUBST		= sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
+		  -e 's|@DOCDIR@|$(DOCDIR)|g'
 
 all: $(PROGS)
 
@@ -96,19 +101,33 @@ bench:
 	@tests/bench/run
 
 install: all
-	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(SYSTEMDUNITDIR)
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(SYSTEMDUNITDIR) \
+	    $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(SYSCONFDIR)/default
 	install -m 0755 alpnd alpnd-respond $(DESTDIR)$(SBINDIR)/
 	install -m 0644 alpnd.8 alpnd-respond.8 $(DESTDIR)$(MANDIR)/man8/
 	for u in units/*.socket units/*.service; do \
-		sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' $$u \
-		    > $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#units/} || exit 1; \
+		$(SUBST) $$u > $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#units/} || exit 1; \
 		chmod 0644 $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#units/}; \
 	done
+	$(SUBST) contrib/alpnd-redirect > $(DESTDIR)$(SBINDIR)/alpnd-redirect
+	chmod 0755 $(DESTDIR)$(SBINDIR)/alpnd-redirect
+	for f in $(EXAMPLES); do \
+		$(SUBST) contrib/$$f > $(DESTDIR)$(DOCDIR)/examples/$$f || exit 1; \
+		if [ -x contrib/$$f ]; then chmod 0755 $(DESTDIR)$(DOCDIR)/examples/$$f; \
+		else chmod 0644 $(DESTDIR)$(DOCDIR)/examples/$$f; fi; \
+	done
+	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/
+	[ -e $(DESTDIR)$(SYSCONFDIR)/default/alpnd ] || \
+	    $(SUBST) contrib/default-alpnd > $(DESTDIR)$(SYSCONFDIR)/default/alpnd
 
+# $(SYSCONFDIR)/default/alpnd is configuration: uninstall leaves it.
 uninstall:
-	rm -f $(DESTDIR)$(SBINDIR)/alpnd $(DESTDIR)$(SBINDIR)/alpnd-respond
+	rm -f $(DESTDIR)$(SBINDIR)/alpnd $(DESTDIR)$(SBINDIR)/alpnd-respond $(DESTDIR)$(SBINDIR)/alpnd-redirect
 	rm -f $(DESTDIR)$(MANDIR)/man8/alpnd.8 $(DESTDIR)$(MANDIR)/man8/alpnd-respond.8
 	for u in units/*.socket units/*.service; do rm -f $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#units/}; done
+	for f in $(EXAMPLES); do rm -f $(DESTDIR)$(DOCDIR)/examples/$$f; done
+	rm -f $(DESTDIR)$(DOCDIR)/README.md
+	rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null || true
 
 clean:
 	rm -rf $(PROGS) build
