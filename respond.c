@@ -46,7 +46,7 @@
 #define DIGEST_LEN	32			/* SHA-256 */
 #define NAME_LEN	253			/* RFC 1035 presentation, no dot */
 #define PEM_MAX		(64 * 1024)		/* larger files are not challenges */
-#define SNI_RAW_MAX	1024
+#define SNI_RAW_MAX	512
 #define WHY_LEN		768
 #define CHALLENGE_DAYS	7
 #define DRAIN_MS	1000
@@ -79,6 +79,10 @@ struct conn {
 	char		 sni[4 * 256 + 8];	/* escaped, for logs */
 	const char	*result;
 	char		 why[WHY_LEN];
+	uint8_t		 rawsni[SNI_RAW_MAX];	/* as received */
+	size_t		 rawsni_len;
+	int		 sni_seen, sni_dup, alpn_seen, acme_offered;
+	char		 loaded[NAME_LEN + 1];	/* name whose pair is set */
 	int		 hook_failed;		/* our hook refused, alert pending */
 	int		 alert;
 	int		 rc;
@@ -708,54 +712,115 @@ peer_name(int fd, char *buf, size_t len)
 }
 
 /*
- * Called by GnuTLS once the ClientHello is parsed, before the cipher suite
- * and certificate are chosen: pick the certificate by SNI, or refuse.
+ * Collect SNI and ALPN from the raw ClientHello extensions.  Malformed
+ * bodies are left to GnuTLS, which rejects them with its own alert.
  */
 static int
-post_client_hello(gnutls_session_t session)
+hello_ext(void *ctx, unsigned tls_id, const unsigned char *data,
+    unsigned size)
+{
+	struct conn *c = ctx;
+	unsigned off, len, n;
+
+	switch (tls_id) {
+	case 0:		/* server_name, RFC 6066 section 3 */
+		if (size < 2 || (unsigned)(data[0] << 8 | data[1]) != size - 2)
+			return 0;
+		for (off = 2; off + 3 <= size; off += 3 + len) {
+			len = (unsigned)(data[off + 1] << 8 | data[off + 2]);
+			if (off + 3 + len > size)
+				return 0;
+			if (data[off] != 0)	/* only host_name is defined */
+				continue;
+			if (c->sni_seen++) {
+				c->sni_dup = 1;
+				continue;
+			}
+			c->rawsni_len = len;
+			n = len < sizeof(c->rawsni) ? len : sizeof(c->rawsni);
+			memcpy(c->rawsni, data + off + 3, n);
+		}
+		break;
+	case 16:	/* application_layer_protocol_negotiation, RFC 7301 */
+		c->alpn_seen = 1;
+		if (size < 2 || (unsigned)(data[0] << 8 | data[1]) != size - 2)
+			return 0;
+		for (off = 2; off < size; off += 1 + len) {
+			len = data[off];
+			if (off + 1 + len > size)
+				return 0;
+			if (len == sizeof(ALPN_ACME) - 1 &&
+			    memcmp(data + off + 1, ALPN_ACME, len) == 0)
+				c->acme_offered = 1;
+		}
+		break;
+	}
+	return 0;
+}
+
+/*
+ * Called by GnuTLS with each ClientHello before it processes it: refuse
+ * clients that do not ask for acme-tls/1, then pick the certificate by SNI
+ * (validated before any file name is built), or refuse with
+ * unrecognized_name.  Nothing is ever served for a name that fails.
+ */
+static int
+client_hello_hook(gnutls_session_t session, unsigned htype, unsigned when,
+    unsigned incoming, const gnutls_datum_t *msg)
 {
 	struct conn *c = gnutls_session_get_ptr(session);
-	char raw[SNI_RAW_MAX];
-	size_t rawlen = sizeof(raw);
-	unsigned type;
-	gnutls_datum_t proto;
 	struct ident id;
 	struct pair p;
 	int ret;
 
+	if (htype != GNUTLS_HANDSHAKE_CLIENT_HELLO || when != GNUTLS_HOOK_PRE ||
+	    !incoming)
+		return 0;
+	c->sni_seen = c->sni_dup = c->alpn_seen = c->acme_offered = 0;
+	c->rawsni_len = 0;
+	if (gnutls_ext_raw_parse(c, hello_ext, msg,
+	    GNUTLS_EXT_RAW_FLAG_TLS_CLIENT_HELLO) < 0)
+		return 0;	/* GnuTLS will say what is wrong with it */
+
 	c->hook_failed = 1;
-	ret = gnutls_server_name_get(session, raw, &rawlen, &type, 0);
-	if (ret == 0 && type == GNUTLS_NAME_DNS)
-		escape(c->sni, sizeof(c->sni), (const uint8_t *)raw,
-		    rawlen < sizeof(raw) ? rawlen : sizeof(raw) - 1);
-	if (gnutls_alpn_get_selected_protocol(session, &proto) != 0 ||
-	    proto.size != strlen(ALPN_ACME) ||
-	    memcmp(proto.data, ALPN_ACME, proto.size) != 0) {
+	if (c->sni_seen)
+		escape(c->sni, sizeof(c->sni), c->rawsni,
+		    c->rawsni_len < sizeof(c->rawsni) ? c->rawsni_len :
+		    sizeof(c->rawsni));
+	if (!c->acme_offered) {
 		c->result = "no_acme_alpn";
-		snprintf(c->why, sizeof(c->why), "client did not offer %s",
-		    ALPN_ACME);
+		snprintf(c->why, sizeof(c->why), "client did not offer %s%s",
+		    ALPN_ACME, c->alpn_seen ? "" : " (no ALPN extension)");
 		c->alert = GNUTLS_A_NO_APPLICATION_PROTOCOL;
 		return GNUTLS_E_NO_APPLICATION_PROTOCOL;
 	}
 	c->result = "unrecognized_name";
 	c->alert = GNUTLS_A_UNRECOGNIZED_NAME;
-	if (ret == GNUTLS_E_SHORT_MEMORY_BUFFER) {
-		snprintf(c->why, sizeof(c->why), "SNI longer than %d bytes",
-		    SNI_RAW_MAX - 1);
-		return GNUTLS_E_UNRECOGNIZED_NAME;
-	}
-	if (ret < 0 || type != GNUTLS_NAME_DNS) {
+	if (!c->sni_seen) {
 		snprintf(c->why, sizeof(c->why), "no SNI host_name");
 		return GNUTLS_E_UNRECOGNIZED_NAME;
 	}
-	/* GnuTLS NUL-terminates; a shorter string means an embedded NUL. */
-	if (rawlen >= sizeof(raw) || strlen(raw) != rawlen) {
-		snprintf(c->why, sizeof(c->why), "SNI contains NUL");
+	if (c->sni_dup) {
+		snprintf(c->why, sizeof(c->why), "more than one SNI host_name");
 		return GNUTLS_E_UNRECOGNIZED_NAME;
 	}
-	if (ident_from_name((const uint8_t *)raw, rawlen, &id, c->why,
+	if (c->rawsni_len > sizeof(c->rawsni)) {
+		snprintf(c->why, sizeof(c->why), "SNI longer than %zu bytes",
+		    sizeof(c->rawsni));
+		return GNUTLS_E_UNRECOGNIZED_NAME;
+	}
+	if (ident_from_name(c->rawsni, c->rawsni_len, &id, c->why,
 	    sizeof(c->why)) == -1)
 		return GNUTLS_E_UNRECOGNIZED_NAME;
+	if (c->loaded[0] != '\0') {
+		/* A second ClientHello (after HelloRetryRequest). */
+		if (strcmp(c->loaded, id.name) != 0) {
+			snprintf(c->why, sizeof(c->why), "SNI changed in the "
+			    "second ClientHello");
+			return GNUTLS_E_UNRECOGNIZED_NAME;
+		}
+		goto done;
+	}
 	if (load_pair(c->dirfd, &id, &p, c->why, sizeof(c->why)) == -1)
 		return GNUTLS_E_UNRECOGNIZED_NAME;
 	snprintf(c->keydesc, sizeof(c->keydesc), "%s", p.keydesc);
@@ -766,6 +831,8 @@ post_client_hello(gnutls_session_t session)
 		    gnutls_strerror(ret));
 		return GNUTLS_E_UNRECOGNIZED_NAME;
 	}
+	memcpy(c->loaded, id.name, id.len + 1);
+ done:
 	c->hook_failed = 0;
 	c->alert = -1;
 	c->result = NULL;
@@ -886,8 +953,8 @@ serve(int dirfd, int timeout)
 		goto out;
 	}
 	gnutls_session_set_ptr(session, &c);
-	gnutls_handshake_set_post_client_hello_function(session,
-	    post_client_hello);
+	gnutls_handshake_set_hook_function(session,
+	    GNUTLS_HANDSHAKE_CLIENT_HELLO, GNUTLS_HOOK_PRE, client_hello_hook);
 	gnutls_transport_set_int(session, fd);
 	gnutls_handshake_set_timeout(session, (unsigned)timeout * 1000);
 
@@ -1066,7 +1133,7 @@ write_atomic(int dirfd, const char *fname, const gnutls_datum_t *d,
 	if (gnutls_rnd(GNUTLS_RND_NONCE, rnd, sizeof(rnd)) < 0)
 		return -1;
 	snprintf(tmp, sizeof(tmp), ".%s.%02x%02x%02x%02x%02x%02x%02x%02x",
-	    fname, rnd[0], rnd[1], rnd[2], rnd[3], rnd[4], rnd[5], rnd[6],
+	    PROG, rnd[0], rnd[1], rnd[2], rnd[3], rnd[4], rnd[5], rnd[6],
 	    rnd[7]);
 	if ((fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC |
 	    O_NOFOLLOW, 0600)) == -1) {
@@ -1128,6 +1195,11 @@ make(int dirfd, const char *name, const char *auth)
 
 	if (ident_from_arg(name, &id, why, sizeof(why)) == -1) {
 		fprintf(stderr, "%s: %s: %s\n", PROG, name, why);
+		return EX_DATAERR;
+	}
+	if (id.len + sizeof(".crt.pem") > NAME_MAX + 1) {
+		fprintf(stderr, "%s: %s: too long for a file name (at most %zu "
+		    "bytes)\n", PROG, id.name, NAME_MAX + 1 - sizeof(".crt.pem"));
 		return EX_DATAERR;
 	}
 	if (parse_auth(auth, digest, why, sizeof(why)) == -1) {
@@ -1273,7 +1345,7 @@ main(int argc, char *argv[])
 	long timeout = 10;
 	int ch, mode = 0, dirfd, rc;
 
-	while ((ch = getopt_long(argc, argv, "d:t:Vh", longopts, NULL)) != -1) {
+	while ((ch = getopt_long(argc, argv, "+d:t:Vh", longopts, NULL)) != -1) {
 		switch (ch) {
 		case 'd':
 			dir = optarg;

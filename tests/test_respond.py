@@ -1,0 +1,632 @@
+"""alpnd-respond: challenge certificate checks, SNI validation, --make,
+real TLS clients standalone, under systemd-socket-activate and through alpnd.
+
+Every key and certificate is generated during the run.
+"""
+
+import base64
+import concurrent.futures
+import hashlib
+import ipaddress
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+import acmelib as A
+
+pytestmark = pytest.mark.skipif(not os.access(A.RESPOND, os.X_OK),
+                                reason="alpnd-respond not built")
+
+KEYAUTH = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA.9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
+DIGEST = hashlib.sha256(KEYAUTH.encode()).digest()
+
+
+@pytest.fixture
+def certs(tmp_path):
+    d = tmp_path / "alpn-certs"
+    d.mkdir()
+    return str(d)
+
+
+@pytest.fixture
+def inetd(certs):
+    servers = []
+
+    def start(binary=A.RESPOND, timeout=3, env=None):
+        s = A.Inetd([binary, "--certs", certs, "--hello-timeout",
+                     str(timeout)], env=env)
+        servers.append(s)
+        return s
+    yield start
+    for s in servers:
+        s.close()
+
+
+def make(certs, name, auth=KEYAUTH, binary=A.RESPOND):
+    return A.run([binary, "--certs", certs, "--make", "--", name, auth])
+
+
+def check(certs, name):
+    return A.run([A.RESPOND, "--certs", certs, "--check", name])
+
+
+# ------------------------------------------------------------------ --make
+
+def load(certs, fname):
+    with open(os.path.join(certs, fname + ".crt.pem"), "rb") as f:
+        crt = x509.load_pem_x509_certificate(f.read())
+    with open(os.path.join(certs, fname + ".key.pem"), "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), None)
+    return crt, key
+
+
+def assert_rfc8737(crt, key, san):
+    """RFC 8737 section 3 / RFC 8738 section 6, field by field."""
+    assert crt.version == x509.Version.v3
+    # self-signed: issuer == subject and the signature verifies with its key
+    assert crt.issuer == crt.subject
+    crt.public_key().verify(crt.signature, crt.tbs_certificate_bytes,
+                            ec.ECDSA(crt.signature_hash_algorithm))
+    # ECDSA P-256, and the key file holds the certificate's key
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert key.curve.name == "secp256r1"
+    assert key.public_key().public_numbers() == \
+        crt.public_key().public_numbers()
+    # exactly one subjectAltName entry, the identifier
+    sans = crt.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert list(sans) == [san]
+    # acmeIdentifier: critical, OCTET STRING (SIZE (32)) = SHA-256(keyauth)
+    ext = crt.extensions.get_extension_for_oid(A.ACME_OID)
+    assert ext.critical is True
+    assert ext.value.value == b"\x04\x20" + DIGEST
+    # short validity, currently valid, positive serial
+    life = crt.not_valid_after - crt.not_valid_before
+    assert life.days <= 8
+    now = __import__("datetime").datetime.utcnow()
+    assert crt.not_valid_before < now < crt.not_valid_after
+    assert crt.serial_number > 0
+
+
+def test_make_dns_name_rfc8737_fields(certs):
+    r = make(certs, "Www.Example.ORG.")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(certs)) == ["www.example.org.crt.pem",
+                                         "www.example.org.key.pem"]
+    crt, key = load(certs, "www.example.org")
+    assert_rfc8737(crt, key, x509.DNSName("www.example.org"))
+    st = os.stat(os.path.join(certs, "www.example.org.key.pem"))
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    # certtool, an independent parser, agrees on the extension
+    out = A.run(["certtool", "-i", "--infile",
+                 os.path.join(certs, "www.example.org.crt.pem")]).stdout
+    assert "Unknown extension 1.3.6.1.5.5.7.1.31 (critical)" in out
+    assert "Hexdump: 0420" + DIGEST.hex() in out
+    assert "DNSname: www.example.org" in out
+
+
+@pytest.mark.parametrize("addr", ["192.0.2.7", "2001:db8::1:7"])
+def test_make_ip_address_rfc8738(certs, addr):
+    r = make(certs, addr)
+    assert r.returncode == 0, r.stderr
+    rev = A.reverse_name(addr)
+    assert sorted(os.listdir(certs)) == [rev + ".crt.pem", rev + ".key.pem"]
+    crt, key = load(certs, rev)
+    assert_rfc8737(crt, key, x509.IPAddress(ipaddress.ip_address(addr)))
+
+
+def test_make_auth_forms_give_the_same_digest(certs):
+    b64 = base64.urlsafe_b64encode(DIGEST).rstrip(b"=").decode()
+    forms = [KEYAUTH, b64, DIGEST.hex(), DIGEST.hex().upper(),
+             ":".join("%02x" % b for b in DIGEST)]
+    for i, auth in enumerate(forms):
+        r = make(certs, "f%d.example.org" % i, auth)
+        assert r.returncode == 0, (auth, r.stderr)
+        crt, _ = load(certs, "f%d.example.org" % i)
+        ext = crt.extensions.get_extension_for_oid(A.ACME_OID)
+        assert ext.value.value == b"\x04\x20" + DIGEST, auth
+
+
+@pytest.mark.parametrize("name,auth", [
+    ("*.example.org", KEYAUTH),
+    ("a/b.example.org", KEYAUTH),
+    ("a..example.org", KEYAUTH),
+    ("../x.example.org", KEYAUTH),
+    ("exa_mple.org", KEYAUTH),
+    ("-a.example.org", KEYAUTH),
+    ("x" * 64 + ".example.org", KEYAUTH),
+    ("ok.example.org", "nodot"),
+    ("ok.example.org", "tok.thumb.extra"),
+    ("ok.example.org", "tok en.thumb"),
+    ("ok.example.org", DIGEST.hex()[:-2]),
+    ("ok.example.org", DIGEST.hex() + "00"),
+    ("ok.example.org", "zz" + DIGEST.hex()[2:]),
+    ("ok.example.org", ":" + ":".join("%02x" % b for b in DIGEST)),
+    ("ok.example.org", base64.urlsafe_b64encode(DIGEST).decode()),  # pad
+    ("ok.example.org", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAB"),
+])
+def test_make_rejects_bad_input(certs, name, auth):
+    r = make(certs, name, auth)
+    assert r.returncode == 65, (r.returncode, r.stderr)
+    assert r.stderr.strip()
+    assert os.listdir(certs) == []
+
+
+def test_make_replaces_atomically_and_clean_removes(certs):
+    assert make(certs, "a.example.org").returncode == 0
+    ino = os.stat(os.path.join(certs, "a.example.org.crt.pem")).st_ino
+    assert make(certs, "a.example.org", DIGEST.hex()).returncode == 0
+    assert os.stat(os.path.join(certs, "a.example.org.crt.pem")).st_ino \
+        != ino                                  # renamed over, not rewritten
+    assert sorted(os.listdir(certs)) == ["a.example.org.crt.pem",
+                                         "a.example.org.key.pem"]
+    r = A.run([A.RESPOND, "--certs", certs, "--clean", "A.Example.org."])
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(certs) == []
+    # cleaning what is not there is fine; a hostile name is not
+    assert A.run([A.RESPOND, "--certs", certs, "--clean",
+                  "a.example.org"]).returncode == 0
+    assert A.run([A.RESPOND, "--certs", certs, "--clean",
+                  "../etc"]).returncode == 65
+
+
+def test_usage_errors(certs, tmp_path):
+    assert A.run([A.RESPOND]).returncode == 64
+    assert A.run([A.RESPOND, "--certs", certs, "--make", "x"]).returncode \
+        == 64
+    assert A.run([A.RESPOND, "--certs", certs, "--hello-timeout",
+                  "0"]).returncode == 64
+    assert A.run([A.RESPOND, "--certs", str(tmp_path / "nope"), "--check",
+                  "a.example.org"]).returncode == 69
+    # stdin a regular file / a listening socket: not a connection
+    f = tmp_path / "file"
+    f.write_text("x")
+    with open(f) as fh:
+        r = subprocess.run([A.RESPOND, "--certs", certs], stdin=fh,
+                           stderr=subprocess.PIPE, text=True, timeout=10)
+    assert r.returncode == 64 and "not a socket" in r.stderr
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1)
+        r = subprocess.run([A.RESPOND, "--certs", certs], stdin=ls,
+                           stderr=subprocess.PIPE, text=True, timeout=10)
+    assert r.returncode == 64 and "listening socket" in r.stderr
+
+
+# ---------------------------------------------------- certificate checks
+
+NAME = "v.example.org"
+
+
+def fault_table():
+    """(label, builder(certs) writing NAME's pair, expected reason)."""
+    other = A.key("ec", 1)
+
+    def pair(**kw):
+        def build(d):
+            k = kw.pop("pkey", A.key("ec"))
+            keyfile = kw.pop("keyfile", k)
+            extra = kw.pop("extra_certs", ())
+            c = A.challenge_cert(NAME, DIGEST, k, **kw)
+            A.write_pair(d, NAME, c, keyfile, extra)
+        return build
+
+    def ip_pair(d):
+        c = A.challenge_cert("1.0.0.127.in-addr.arpa", DIGEST, A.key("ec"),
+                             san="ip", san_value="127.0.0.1")
+        A.write_pair(d, NAME, c, A.key("ec"))
+
+    def symlink(d):
+        os.makedirs(d + "/../elsewhere", exist_ok=True)
+        c = A.challenge_cert(NAME, DIGEST, A.key("ec"))
+        A.write_pair(d + "/../elsewhere", NAME, c, A.key("ec"))
+        os.symlink("../elsewhere/%s.crt.pem" % NAME,
+                   "%s/%s.crt.pem" % (d, NAME))
+        os.symlink("../elsewhere/%s.key.pem" % NAME,
+                   "%s/%s.key.pem" % (d, NAME))
+
+    def garbage(d):
+        with open("%s/%s.crt.pem" % (d, NAME), "w") as f:
+            f.write("not a certificate\n")
+        A.write_pair(d, "x", A.challenge_cert(NAME, DIGEST, A.key("ec")),
+                     A.key("ec"))
+        os.rename(d + "/x.key.pem", "%s/%s.key.pem" % (d, NAME))
+
+    def huge(d):
+        pair()(d)
+        with open("%s/%s.crt.pem" % (d, NAME), "ab") as f:
+            f.write(b"#" * 70000)
+
+    return [
+        ("good-ecdsa", pair(), None),
+        ("good-rsa", pair(pkey=A.key("rsa")), None),
+        ("good-ecdsa-p384", pair(pkey=A.key("ec384")), None),
+        ("no-file", lambda d: None, "No such file or directory"),
+        ("wrong-san", pair(san_value="w.example.org"), "is not " + NAME),
+        ("san-missing", pair(san="none"), "0 subjectAltName entries"),
+        ("two-sans", pair(extra_san=[x509.DNSName("x.example.org")]),
+         "2 subjectAltName entries"),
+        ("ip-san-for-dns-name", pair(san="ip", san_value="192.0.2.1"),
+         "not a dNSName"),
+        ("ext-missing", pair(ext="missing"), "no acmeIdentifier"),
+        ("ext-not-critical", pair(ext="noncritical"), "not critical"),
+        ("ext-31-bytes", pair(ext="raw", ext_value=A.octet_string(
+            DIGEST[:31])), "not a 32-byte OCTET STRING"),
+        ("ext-33-bytes", pair(ext="raw", ext_value=A.octet_string(
+            DIGEST + b"\x00")), "not a 32-byte OCTET STRING"),
+        ("ext-not-octet-string", pair(ext="raw", ext_value=b"\x0c\x20"
+                                      + DIGEST), "not a 32-byte OCTET"),
+        ("not-self-signed-issuer", pair(signer=other, issuer_cn="Some CA"),
+         "not self-signed: issuer"),
+        ("not-self-signed-signature", pair(signer=other),
+         "not self-signed: signature"),
+        ("key-mismatch", pair(keyfile=other), "key does not match"),
+        ("rsa-key-mismatch", pair(pkey=A.key("rsa"), keyfile=other),
+         "key does not match"),
+        ("two-certs", pair(extra_certs=[A.challenge_cert(
+            NAME, DIGEST, other)]), "holds 2 certificates"),
+        ("symlink", symlink, "symbolic link"),
+        ("garbage", garbage, NAME + ".crt.pem: "),
+        ("huge", huge, "has size"),
+        ("ip-cert-under-dns-name", ip_pair, "not a dNSName"),
+    ]
+
+
+FAULTS = fault_table()
+
+
+@pytest.mark.parametrize("label,build,reason", FAULTS,
+                         ids=[f[0] for f in FAULTS])
+def test_certificate_checks(certs, inetd, label, build, reason):
+    build(certs)
+    # --check says the same thing the server will log
+    r = check(certs, NAME)
+    if reason is None:
+        assert r.returncode == 0, r.stdout
+        assert r.stdout.startswith(NAME + ": ok: ")
+        assert DIGEST.hex() in r.stdout
+    else:
+        assert r.returncode == 65, r.stdout
+        assert reason in r.stdout, r.stdout
+    srv = inetd()
+    if reason is None:
+        der, alpn, _ = A.py_tls(srv.port, NAME)
+        with open(os.path.join(certs, NAME + ".crt.pem"), "rb") as f:
+            want = x509.load_pem_x509_certificate(f.read())
+        assert der == want.public_bytes(serialization.Encoding.DER)
+        assert alpn == A.ACME_ALPN
+        ch = srv.last()
+        assert ch.rc == 0 and ch.log()["result"] == "ok", ch.stderr
+    else:
+        res = A.raw_exchange(srv.port, A.raw_client_hello(NAME.encode()))
+        assert res == ("alert", A.ALERT_UNRECOGNIZED_NAME)
+        ch = srv.last()
+        log = ch.log()
+        assert ch.rc == 65, ch.stderr
+        assert log["result"] == "unrecognized_name"
+        assert reason in log["reason"], log
+
+
+# ---------------------------------------------------------- SNI validation
+
+LONG253 = ".".join(["a" * 63] * 3 + ["b" * 61])          # 253 bytes
+# NAME.crt.pem must fit NAME_MAX (255): the longest name with files is 247
+LONG247 = ".".join(["a" * 63] * 3 + ["b" * 55])
+SNI_TABLE = [
+    # sni bytes, served?, reason fragment when refused
+    (b"v.example.org", True, None),
+    (b"V.EXAMPLE.ORG", True, None),
+    (b"v.example.org.", True, None),
+    (b"V.Example.Org.", True, None),
+    (LONG247.encode(), True, None),
+    (LONG247.encode().upper() + b".", True, None),
+    (LONG253.encode(), False, "File name too long"),
+    (LONG253.encode() + b".", False, "File name too long"),
+    (b"1.0.0.127.in-addr.arpa", True, None),
+    (b"1.0.0.127.IN-ADDR.ARPA.", True, None),
+    (b"v.example.org..", False, ""),
+    (b"v..example.org", False, ""),
+    (b".v.example.org", False, ""),
+    (b"../v.example.org", False, ""),
+    (b"../outside.example.org", False, ""),
+    (b"v.example.org/", False, ""),
+    (b"a/../v.example.org", False, ""),
+    (b"/etc/passwd", False, ""),
+    (b"v.example.org\x00", False, ""),
+    (b"v.exa\x00mple.org", False, ""),
+    (b"\x00", False, ""),
+    (b".", False, ""),
+    (b"x" + LONG253.encode(), False, ""),                 # 254 bytes
+    (b"x" + LONG253.encode() + b".", False, ""),
+    (b"a" * 64 + b".example.org", False, ""),             # 64-byte label
+    (b"127.0.0.1", False, ""),
+    (b"::1", False, ""),
+    (b"*.example.org", False, ""),
+    (b"-v.example.org", False, ""),
+    (b"v-.example.org", False, ""),
+    (b"v_x.example.org", False, ""),
+    (b"v example.org", False, ""),
+    (b"\xc3\xa9.example.org", False, ""),
+    (b"v.example.org\r\nX: y", False, ""),
+    (b"w.example.org", False, "No such file"),
+    (b"4.3.2.1.in-addr.arpa", False, "No such file"),
+]
+
+
+@pytest.fixture
+def sni_certs(certs):
+    assert make(certs, LONG247 + "x").returncode == 65    # 248: too long
+    for name in ("v.example.org", LONG247, "127.0.0.1"):
+        r = make(certs, name)
+        assert r.returncode == 0, r.stderr
+    # a perfectly good pair just outside the directory
+    parent = os.path.dirname(certs)
+    A.write_pair(parent, "outside.example.org",
+                 A.challenge_cert("outside.example.org", DIGEST,
+                                  A.key("ec")), A.key("ec"))
+    return certs
+
+
+def test_sni_validation_table(sni_certs, inetd):
+    srv = inetd()
+    n = 0
+    for sni, served, reason in SNI_TABLE:
+        res = A.raw_exchange(srv.port, A.raw_client_hello(sni))
+        n += 1
+        ch = srv.wait(n)[-1]
+        log = ch.log()
+        assert log is not None, (sni, ch.stderr)
+        if served:
+            assert res == ("server_hello", None), (sni, res, ch.stderr)
+        else:
+            assert res == ("alert", A.ALERT_UNRECOGNIZED_NAME), \
+                (sni, res, ch.stderr)
+            assert ch.rc == 65
+            assert log["result"] == "unrecognized_name", (sni, log)
+            assert reason in log["reason"], (sni, log)
+            # the hostile bytes never reach the log unescaped
+            assert "\x00" not in ch.stderr and "\r" not in ch.stderr
+    assert n == len(SNI_TABLE)
+
+
+def test_no_sni_and_no_alpn(certs, inetd):
+    assert make(certs, "v.example.org").returncode == 0
+    srv = inetd()
+    assert A.raw_exchange(srv.port, A.raw_client_hello(None)) == \
+        ("alert", A.ALERT_UNRECOGNIZED_NAME)
+    assert "no SNI" in srv.last().log()["reason"]
+    for alpn in ((), (b"h2", b"http/1.1"), (b"acme-tls/2",)):
+        res = A.raw_exchange(srv.port, A.raw_client_hello(b"v.example.org",
+                                                          alpn=alpn))
+        assert res == ("alert", A.ALERT_NO_APPLICATION_PROTOCOL), alpn
+        ch = srv.last()
+        assert ch.rc == 65 and ch.log()["result"] == "no_acme_alpn"
+    # the same with a real client
+    with pytest.raises(ssl.SSLError, match="(?i)no.application.protocol"):
+        A.py_tls(srv.port, "v.example.org", alpn=("h2",))
+    with pytest.raises(ssl.SSLError, match="(?i)no.application.protocol"):
+        A.py_tls(srv.port, "v.example.org", alpn=())
+
+
+def test_old_tls_versions_refused(certs, inetd):
+    assert make(certs, "v.example.org").returncode == 0
+    srv = inetd()
+    res = A.raw_exchange(srv.port, A.raw_client_hello(b"v.example.org",
+                                                      version=0x0302))
+    assert res == ("alert", A.ALERT_PROTOCOL_VERSION)
+    ch = srv.last()
+    assert ch.rc == 65 and ch.log()["result"] == "tls_error"
+    r = A.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % srv.port,
+               "-servername", "v.example.org", "-alpn", "acme-tls/1",
+               "-tls1_1"], stdin=subprocess.DEVNULL)
+    assert r.returncode != 0
+    assert "BEGIN CERTIFICATE" not in r.stdout
+
+
+# ------------------------------------------------------- real TLS clients
+
+def served_der(certs, name):
+    with open(os.path.join(certs, name + ".crt.pem"), "rb") as f:
+        return x509.load_pem_x509_certificate(f.read()).public_bytes(
+            serialization.Encoding.DER)
+
+
+def test_gnutls_cli(certs, inetd):
+    assert make(certs, "v.example.org").returncode == 0
+    srv = inetd()
+    r = A.run(["gnutls-cli", "--insecure", "--alpn=acme-tls/1",
+               "--sni-hostname=v.example.org", "--save-cert=/dev/stdout",
+               "-p", str(srv.port), "127.0.0.1"], stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert "Handshake was completed" in r.stdout + r.stderr
+    assert "Application protocol: acme-tls/1" in r.stdout
+    pem = r.stdout[r.stdout.index("-----BEGIN CERTIFICATE-----"):]
+    assert x509.load_pem_x509_certificate(pem.encode()).public_bytes(
+        serialization.Encoding.DER) == served_der(certs, "v.example.org")
+    ch = srv.last()
+    assert ch.rc == 0 and ch.log()["result"] == "ok"
+
+
+@pytest.mark.parametrize("ver,name", [("-tls1_2", "TLSv1.2"),
+                                      ("-tls1_3", "TLSv1.3")])
+@pytest.mark.parametrize("kind", ["ec", "rsa"])
+def test_openssl_s_client(certs, inetd, ver, name, kind):
+    A.write_pair(certs, "v.example.org",
+                 A.challenge_cert("v.example.org", DIGEST, A.key(kind)),
+                 A.key(kind))
+    srv = inetd()
+    r = A.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % srv.port,
+               "-servername", "v.example.org", "-alpn", "acme-tls/1", ver],
+              stdin=subprocess.DEVNULL)
+    assert "ALPN protocol: acme-tls/1" in r.stdout, r.stdout + r.stderr
+    assert "Protocol  : " + name in r.stdout or \
+        "New, " + name in r.stdout, r.stdout
+    pem = r.stdout[r.stdout.index("-----BEGIN CERTIFICATE-----"):
+                   r.stdout.index("-----END CERTIFICATE-----") + 25]
+    assert x509.load_pem_x509_certificate(pem.encode()).public_bytes(
+        serialization.Encoding.DER) == served_der(certs, "v.example.org")
+    ch = srv.last()
+    assert ch.rc == 0, ch.stderr
+    assert ch.log()["reason"].startswith(name.replace("v", "").replace(
+        "TLS", "TLS"))
+
+
+def test_python_ssl_both_versions_and_ipv6(certs, inetd):
+    assert make(certs, "v.example.org").returncode == 0
+    assert make(certs, "::1").returncode == 0
+    srv = inetd()
+    for v in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        der, alpn, got = A.py_tls(srv.port, "v.example.org", minv=v, maxv=v)
+        assert der == served_der(certs, "v.example.org")
+        assert alpn == "acme-tls/1"
+        assert got == v.name.replace("_", ".")
+    # IP identifier over IPv6: SNI is the reverse name (RFC 8738)
+    rev = A.reverse_name("::1")
+    der, alpn, _ = A.py_tls(srv.port, rev, host="::1")
+    assert der == served_der(certs, rev)
+    cert = x509.load_der_x509_certificate(der)
+    assert list(cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value) == \
+        [x509.IPAddress(ipaddress.ip_address("::1"))]
+    ch = srv.last()
+    assert ch.log()["client"].startswith("[::1]:")
+
+
+def test_unknown_name_openssl(certs, inetd):
+    srv = inetd()
+    r = A.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % srv.port,
+               "-servername", "nobody.example.org", "-alpn", "acme-tls/1"],
+              stdin=subprocess.DEVNULL)
+    assert "unrecognized name" in r.stdout + r.stderr
+    assert "BEGIN CERTIFICATE" not in r.stdout
+    log = srv.last().log()
+    assert log["sni"] == "nobody.example.org"
+    assert "nobody.example.org.crt.pem: No such file" in log["reason"]
+
+
+def test_handshake_deadline(certs, inetd):
+    srv = inetd(timeout=1)
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(A.raw_client_hello(b"v.example.org")[:20])   # partial
+        ch = srv.last(timeout=10)
+    took = time.monotonic() - t0
+    assert ch.rc == 75, ch.stderr
+    assert ch.log()["result"] == "timeout"
+    assert 0.9 < took < 4, took
+
+
+def test_50_concurrent_validations(certs, inetd):
+    names = ["c%02d.example.org" % i for i in range(50)]
+    for n in names:
+        A.write_pair(certs, n, A.challenge_cert(n, DIGEST, A.key("ec")),
+                     A.key("ec"))
+    srv = inetd(timeout=20)
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(50) as ex:
+        res = list(ex.map(lambda n: A.py_tls(srv.port, n, timeout=30),
+                          names))
+    took = time.monotonic() - t0
+    for n, (der, alpn, _) in zip(names, res):
+        assert der == served_der(certs, n) and alpn == "acme-tls/1"
+    kids = srv.wait(50, timeout=30)
+    assert sorted(k.log()["sni"] for k in kids) == names
+    assert all(k.rc == 0 for k in kids)
+    print("50 concurrent validations: %.2fs wall, median handshake %.1fms"
+          % (took, sorted(k.log()["ms"] for k in kids)[25]))
+
+
+def test_journal_stream_mismatch_falls_back_to_stderr(certs, inetd):
+    assert make(certs, "v.example.org").returncode == 0
+    env = dict(os.environ, JOURNAL_STREAM="1:1")
+    srv = inetd(env=env)
+    A.py_tls(srv.port, "v.example.org")
+    assert srv.last().log()["result"] == "ok"
+
+
+@pytest.mark.skipif(not os.access(A.RESPOND_ASAN, os.X_OK),
+                    reason="no ASan build")
+def test_asan_build_tables(sni_certs, inetd):
+    """The SNI table and a few faults again under ASan+UBSan."""
+    srv = inetd(binary=A.RESPOND_ASAN)
+    for i, (sni, served, _) in enumerate(SNI_TABLE):
+        res = A.raw_exchange(srv.port, A.raw_client_hello(sni))
+        assert res[0] == ("server_hello" if served else "alert"), sni
+        ch = srv.wait(i + 1)[-1]
+        assert "runtime error" not in ch.stderr
+        assert "AddressSanitizer" not in ch.stderr
+    r = make(sni_certs, "asan.example.org", binary=A.RESPOND_ASAN)
+    assert r.returncode == 0, r.stderr
+    der, _, _ = A.py_tls(srv.port, "asan.example.org")
+    assert der == served_der(sni_certs, "asan.example.org")
+
+
+# ----------------------------------------- systemd-socket-activate, alpnd
+
+class SocketActivate:
+    """systemd-socket-activate --accept [--inetd], stderr collected."""
+
+    def __init__(self, args, port, inetd_mode):
+        argv = ["systemd-socket-activate", "-l", "127.0.0.1:%d" % port,
+                "--accept"] + (["--inetd"] if inetd_mode else []) + args
+        self.lines = []
+        self.cond = threading.Condition()
+        self.p = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        try:
+            A.wait_port(port, proc=self.p)    # this probe logs io_error
+        except Exception:
+            self.close()
+            raise
+
+    def _read(self):
+        for line in self.p.stderr:
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+
+    def logs(self, n, timeout=10):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                logs = A.parse_log("".join(self.lines))
+                if len(logs) >= n or time.monotonic() > deadline:
+                    return logs
+                self.cond.wait(0.1)
+
+    def close(self):
+        self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+@pytest.mark.parametrize("inetd_mode", [False, True],
+                         ids=["LISTEN_FDS", "inetd-stdin"])
+def test_systemd_socket_activate(certs, inetd_mode):
+    assert make(certs, "v.example.org").returncode == 0
+    port = A.free_port(socket.AF_INET)
+    sa = SocketActivate([A.RESPOND, "--certs", certs], port, inetd_mode)
+    try:
+        der, alpn, _ = A.py_tls(port, "v.example.org")
+        assert der == served_der(certs, "v.example.org")
+        assert alpn == "acme-tls/1"
+        with pytest.raises(ssl.SSLError, match="(?i)unrecognized.name"):
+            A.py_tls(port, "w.example.org")
+        logs = sa.logs(3)
+    finally:
+        sa.close()
+    assert sorted(l["result"] for l in logs) == \
+        ["io_error", "ok", "unrecognized_name"], sa.lines
