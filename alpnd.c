@@ -1473,6 +1473,14 @@ main(int argc, char *argv[])
 		listening = 1;
 		lfd = fd;
 		(void)fcntl(lfd, F_SETFD, FD_CLOEXEC);
+		/*
+		 * accept_some() loops until EAGAIN; systemd (without
+		 * NonBlocking=yes) and systemd-socket-activate hand over a
+		 * blocking socket, which would block the whole loop.
+		 */
+		if ((acc = fcntl(lfd, F_GETFL)) == -1 ||
+		    fcntl(lfd, F_SETFL, acc | O_NONBLOCK) == -1)
+			die(EX_OSERR, "fcntl: %s", strerror(errno));
 		if ((ep = epoll_create1(EPOLL_CLOEXEC)) == -1)
 			die(EX_OSERR, "epoll_create1: %s", strerror(errno));
 		sigemptyset(&set);
