@@ -1,0 +1,792 @@
+"""Deployment: the systemd units, the renewal window, xinetd, tcpserver,
+`make install`, the man pages.  Everything runs for real: systemd-analyze on
+the unit files, nftables and nginx in network namespaces created here, the
+contrib files as shipped (only paths, ports and users substituted).
+"""
+import os
+import pathlib
+import re
+import select
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+UNITS = ROOT / "units"
+CONTRIB = ROOT / "contrib"
+ALPND = ROOT / "alpnd"
+RESPOND = ROOT / "alpnd-respond"
+PY = "/usr/bin/python3"
+UNIT_FILES = sorted(p.name for p in UNITS.iterdir()
+                    if p.suffix in (".socket", ".service"))
+SERVICES = [u for u in UNIT_FILES if u.endswith(".service")]
+DEFAULT_CERTS = "/var/lib/dehydrated/alpn-certs"
+CHALLENGE = "www.example.test"
+
+
+# ---------------------------------------------------------------- helpers
+
+def run(cmd, timeout=30, check=True, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       **kw)
+    if check and r.returncode != 0:
+        raise AssertionError("%s: exit %d\n%s%s" % (
+            " ".join(map(str, cmd)), r.returncode, r.stdout, r.stderr))
+    return r
+
+
+def unit_entries(path):
+    """[(section, key, value)] of a unit file, continuation lines joined."""
+    out, section, buf = [], None, ""
+    for raw in pathlib.Path(path).read_text().splitlines():
+        line = buf + raw.strip()
+        buf = ""
+        if line.endswith("\\"):
+            buf = line[:-1] + " "
+            continue
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        k, _, v = line.partition("=")
+        out.append((section, k.strip(), v.strip()))
+    return out
+
+
+def unit_values(path, key, section=None):
+    return [v for s, k, v in unit_entries(path)
+            if k == key and (section is None or s == section)]
+
+
+def unit_env(path):
+    """The unit's Environment= defaults, as systemd reads them."""
+    env = {}
+    for v in unit_values(path, "Environment"):
+        for word in shlex.split(v):
+            k, _, val = word.partition("=")
+            env[k] = val
+    return env
+
+
+def expand_exec(line, env):
+    """An Exec*= line as systemd runs it: prefixes off, $VAR split into
+    words, ${VAR} kept as one word."""
+    line = re.sub(r"^[-+!:]+", "", line)  # no "@" prefix in our units
+    words = []
+    for w in shlex.split(line):
+        m = re.fullmatch(r"\$(\w+)", w)
+        if m:
+            words.extend(env.get(m.group(1), "").split())
+        else:
+            words.append(re.sub(r"\$\{(\w+)\}",
+                                lambda m: env.get(m.group(1), ""), w))
+    return words
+
+
+def subst(text, sbindir, sysconfdir="/etc", docdir="/usr/share/doc/alpnd"):
+    return (text.replace("@SBINDIR@", str(sbindir))
+            .replace("@SYSCONFDIR@", str(sysconfdir))
+            .replace("@DOCDIR@", str(docdir)))
+
+
+def make_sbin(tmp):
+    """A stand-in for SBINDIR: the built programs and contrib/alpnd-redirect."""
+    d = tmp / "sbin"
+    d.mkdir(exist_ok=True)
+    for name, target in (("alpnd", ALPND), ("alpnd-respond", RESPOND),
+                         ("alpnd-redirect", CONTRIB / "alpnd-redirect")):
+        if not (d / name).exists():
+            (d / name).symlink_to(target)
+    return d
+
+
+def free_port():
+    """A TCP port free on IPv4 and IPv6 (dual-stack bind)."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 0))
+        return s.getsockname()[1]
+
+
+def listening(port, ns=None):
+    cmd = ["ss", "-Hltn", "sport = :%d" % port]
+    if ns:
+        cmd = ["ip", "netns", "exec", ns] + cmd
+    return run(cmd, check=False).stdout.strip() != ""
+
+
+def wait_listen(port, ns=None, proc=None, timeout=15):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if listening(port, ns):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError("process exited %d before listening on %d"
+                                 % (proc.returncode, port))
+        time.sleep(0.05)
+    raise AssertionError("nothing listens on port %d" % port)
+
+
+class Procs:
+    """Processes a test starts; all stopped by PID at teardown."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, cmd, **kw):
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        p = subprocess.Popen([str(c) for c in cmd], **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p, sig=signal.SIGTERM):
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def close(self):
+        for p in reversed(self.procs):
+            self.stop(p)
+
+
+@pytest.fixture
+def procs():
+    ps = Procs()
+    yield ps
+    ps.close()
+
+
+def make_challenge(certs, name=CHALLENGE):
+    """alpnd-respond --make NAME AUTH; returns the certificate's DER."""
+    certs.mkdir(exist_ok=True)
+    auth = "tok%s.thumb%s" % (uuid.uuid4().hex, uuid.uuid4().hex[:8])
+    run([RESPOND, "--certs", certs, "--make", name, auth])
+    pem = (certs / ("%s.crt.pem" % name)).read_text()
+    return ssl.PEM_cert_to_DER_cert(pem)
+
+
+def tls_client(host, port, sni, alpn, timeout=10, source=None):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(alpn)
+    s = socket.create_connection((host, port), timeout=timeout,
+                                 source_address=source)
+    return ctx.wrap_socket(s, server_hostname=sni)
+
+
+def acme_handshake(host, port, sni=CHALLENGE):
+    """(selected ALPN, served certificate DER, how the stream ended)."""
+    with tls_client(host, port, sni, ["acme-tls/1"]) as t:
+        alpn, der = t.selected_alpn_protocol(), t.getpeercert(True)
+        try:
+            tail = t.recv(4096)
+            end = "data %r" % tail if tail else "close_notify"
+        except (ssl.SSLEOFError, ConnectionResetError):
+            end = "eof"
+        except ssl.SSLError as e:  # bytes that are not TLS records
+            end = "garbage: %s" % e
+    return alpn, der, end
+
+
+def self_signed(tmp, cn="backend.example.test"):
+    key, crt = tmp / "backend.key", tmp / "backend.crt"
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+         "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj",
+         "/CN=" + cn, "-keyout", key, "-out", crt])
+    return crt, key
+
+
+class Backend:
+    """A plain TCP backend on 127.0.0.1 that parses an optional PROXY v2
+    header and answers `backend: <client address from the header>`."""
+
+    SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.seen = []
+        self.done = False
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while not self.done:
+            try:
+                c, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            with c:
+                c.settimeout(5)
+                try:
+                    self.serve(c)
+                except OSError as e:
+                    self.seen.append(("error", str(e)))
+
+    def serve(self, c):
+        data = b""
+        while b"\r\n\r\n" not in data[16:] and len(data) < 65536:
+            b = c.recv(4096)
+            if not b:
+                break
+            data += b
+        who = "none"
+        if data.startswith(self.SIG):
+            fam, ln = data[13], struct.unpack("!H", data[14:16])[0]
+            addr = data[16:16 + ln]
+            if fam == 0x11:
+                who = "%s:%d" % (socket.inet_ntop(socket.AF_INET, addr[:4]),
+                                 struct.unpack("!H", addr[8:10])[0])
+            elif fam == 0x21:
+                who = "[%s]:%d" % (
+                    socket.inet_ntop(socket.AF_INET6, addr[:16]),
+                    struct.unpack("!H", addr[32:34])[0])
+            data = data[16 + ln:]
+        self.seen.append((who, data))
+        c.sendall(b"backend: " + who.encode() + b"\n")
+
+    def close(self):
+        self.done = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def backend():
+    b = Backend()
+    yield b
+    b.close()
+
+
+def plain_request(host, port, source=None):
+    """Plain HTTP on the TLS port: alpnd relays it to the fallback intact.
+    Returns every byte the client received, up to EOF."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        if source:
+            s.bind((source, 0))
+        s.connect((host, port))
+        s.sendall(b"GET / HTTP/1.0\r\nHost: deploy\r\n\r\n")
+        out = b""
+        while True:
+            b = s.recv(4096)
+            if not b:
+                return out
+            out += b
+
+
+# ------------------------------------------------------ the unit files
+
+@pytest.fixture(scope="module")
+def unit_tree(tmp_path_factory):
+    """The units with placeholders substituted, programs and man pages
+    where systemd-analyze looks for them."""
+    tmp = tmp_path_factory.mktemp("units")
+    sbin = make_sbin(tmp)
+    for u in UNIT_FILES:
+        (tmp / u).write_text(subst((UNITS / u).read_text(), sbin,
+                                   tmp / "etc"))
+    man8 = tmp / "man" / "man8"
+    man8.mkdir(parents=True)
+    for m in ("alpnd.8", "alpnd-respond.8"):
+        shutil.copy(ROOT / m, man8 / m)
+    return tmp
+
+
+@pytest.mark.parametrize("unit", UNIT_FILES)
+def test_unit_verifies(unit_tree, unit):
+    """systemd-analyze verify: syntax, executables, Documentation=man:."""
+    env = dict(os.environ, MANPATH=str(unit_tree / "man"))
+    r = run(["systemd-analyze", "verify", unit], cwd=unit_tree, env=env,
+            check=False)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+
+
+@pytest.mark.parametrize("unit", SERVICES)
+def test_unit_exposure(unit_tree, unit):
+    r = run(["systemd-analyze", "security", "--offline=yes",
+             "--no-pager", unit], cwd=unit_tree)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
+    assert m, r.stdout[-500:]
+    print("%s: exposure %s" % (unit, m.group(1)))
+    assert float(m.group(1)) <= 1.5, r.stdout
+
+
+def test_unit_contract():
+    """What alpnd(8) promises about the units, read from the files."""
+    sock = UNITS / "alpnd.socket"
+    assert unit_values(sock, "ListenStream") == ["443"]
+    assert unit_values(sock, "BindIPv6Only") == ["both"]
+    assert unit_values(sock, "Accept") == ["yes"]
+    assert 0 < int(unit_values(sock, "MaxConnectionsPerSource")[0]) < \
+        int(unit_values(sock, "MaxConnections")[0]) <= 4096
+    lsock = UNITS / "alpnd-listen.socket"
+    assert unit_values(lsock, "Accept") == ["no"]
+    assert unit_values(lsock, "ListenStream") == ["443"]
+    assert "--exit-idle" in unit_values(UNITS / "alpnd-listen.service",
+                                        "ExecStart")[0]
+    for svc in SERVICES:
+        p = UNITS / svc
+        ent = {k: v for _, k, v in unit_entries(p)}
+        # stderr must never be the client's socket
+        assert ent.get("StandardError") == "journal", svc
+        if svc.endswith("@.service"):
+            assert ent.get("StandardInput") == "socket", svc
+        assert ent.get("EnvironmentFile") == "-@SYSCONFDIR@/default/alpnd"
+        assert ent.get("ExecStart", "").startswith("@SBINDIR@/alpnd ")
+        assert ent.get("SupplementaryGroups") == "alpnd-certs"
+        assert ent.get("DynamicUser") == "yes"
+        assert ent.get("CapabilityBoundingSet") == ""
+        # the options named in ExecStart have defaults in the unit
+        env = unit_env(p)
+        for var in re.findall(r"\$\{?(\w+)", ent["ExecStart"]):
+            assert var in env, (svc, var)
+    # the shipped /etc/default/alpnd sets what the units read
+    shipped = (CONTRIB / "default-alpnd").read_text()
+    for var in ("ALPND_OPTS", "ALPND_EXIT_IDLE", "ALPND_REDIRECT_OPTS"):
+        assert re.search(r"^%s=" % var, shipped, re.M), var
+
+
+def test_unit_defaults_parse():
+    """Every unit's default options are accepted by the built alpnd: it
+    gets as far as looking for its connection (usage error 64 about fd 0,
+    not about an option)."""
+    for svc in SERVICES:
+        words = expand_exec(unit_values(UNITS / svc, "ExecStart")[0],
+                            unit_env(UNITS / svc))
+        assert words[0] == "@SBINDIR@/alpnd"
+        r = run([ALPND] + words[1:], check=False, stdin=subprocess.DEVNULL)
+        assert r.returncode == 64, (svc, r.stderr)
+        assert "not a socket" in r.stderr, (svc, r.stderr)
+
+
+def test_man_pages_lint():
+    r = run(["mandoc", "-Tlint", "alpnd.8", "alpnd-respond.8"], cwd=ROOT,
+            check=False)
+    # Only complaints about this machine's manual database are tolerated.
+    msgs = [l for l in (r.stdout + r.stderr).splitlines()
+            if "mandoc.db" not in l and "referenced manual not found" not in l]
+    assert msgs == []
+
+
+def test_man_page_has_every_option():
+    """Every long option in `alpnd --help` / the responder's usage is
+    documented in its man page."""
+    for prog, page in ((ALPND, "alpnd.8"), (RESPOND, "alpnd-respond.8")):
+        r = run([prog, "--help"], check=False)
+        usage = r.stdout + r.stderr
+        opts = set(re.findall(r"--([a-z][a-z-]+)", usage))
+        assert len(opts) >= 3, usage
+        man = (ROOT / page).read_text()
+        for o in opts:
+            assert re.search(r"Fl -%s\b" % re.escape(o), man), (page, o)
+
+
+# ----------------------------------------------- the renewal window: nft
+
+REDIRECT_SOCKET = UNITS / "alpnd-redirect.socket"
+
+
+def redirect_commands(sbin, key):
+    return [expand_exec(subst(v, sbin), {})
+            for v in unit_values(REDIRECT_SOCKET, key, "Socket")]
+
+
+class Netns:
+    """Two network namespaces joined by a veth pair, names unique per run:
+    the server 10.203.0.1 / fd00:a1::1, the client 10.203.0.2 / fd00:a1::2."""
+
+    def __init__(self):
+        tag = uuid.uuid4().hex[:8]
+        self.srv, self.cli = "alpnd-%s-s" % tag, "alpnd-%s-c" % tag
+        self.made = []
+        for ns in (self.srv, self.cli):
+            run(["ip", "netns", "add", ns])
+            self.made.append(ns)
+        vs, vc = "av%ss" % tag, "av%sc" % tag
+        run(["ip", "link", "add", vs, "netns", self.srv, "type", "veth",
+             "peer", "name", vc, "netns", self.cli])
+        for ns, dev, n in ((self.srv, vs, 1), (self.cli, vc, 2)):
+            self.sh(ns, "ip link set lo up")
+            self.sh(ns, "ip addr add 10.203.0.%d/24 dev %s" % (n, dev))
+            self.sh(ns, "ip -6 addr add fd00:a1::%d/64 dev %s nodad" % (n, dev))
+            self.sh(ns, "ip link set %s up" % dev)
+
+    def cmd(self, ns, argv):
+        return ["ip", "netns", "exec", ns] + [str(a) for a in argv]
+
+    def sh(self, ns, line, **kw):
+        return run(self.cmd(ns, shlex.split(line)), **kw)
+
+    def close(self):
+        for ns in self.made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True,
+                           timeout=30)
+
+
+@pytest.fixture
+def netns():
+    n = Netns()
+    yield n
+    n.close()
+
+
+def nft_tables(net):
+    return net.sh(net.srv, "nft list tables").stdout
+
+
+def test_redirect_idempotent(tmp_path, netns):
+    """The socket unit's own command lines: start twice leaves one table
+    with one rule per chain; stop twice, and stop without start, succeed
+    and leave nothing."""
+    sbin = make_sbin(tmp_path)
+    start = redirect_commands(sbin, "ExecStartPost")
+    stops = (redirect_commands(sbin, "ExecStopPre")
+             + redirect_commands(sbin, "ExecStopPost"))
+    assert start and stops
+    for cmd in stops:  # stop without start (after a crash, a failed start)
+        netns.sh(netns.srv, shlex.join(cmd))
+    for _ in range(2):
+        for cmd in start:
+            netns.sh(netns.srv, shlex.join(cmd))
+    rules = netns.sh(netns.srv, "nft list table inet alpnd_redirect").stdout
+    assert nft_tables(netns).split() == ["table", "inet", "alpnd_redirect"]
+    assert rules.count("redirect to :") == 1, rules
+    assert rules.count("reject with tcp reset") == 1, rules
+    for _ in range(2):
+        for cmd in stops:
+            netns.sh(netns.srv, shlex.join(cmd))
+    assert netns.sh(netns.srv, "nft list ruleset").stdout.strip() == ""
+    r = netns.sh(netns.srv, "%s/alpnd-redirect status" % sbin, check=False)
+    assert r.returncode == 1
+
+
+CLIENT = r'''
+import socket, ssl, sys
+
+def tls(host, port, alpn):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(alpn)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    return ctx.wrap_socket(s, server_hostname=sys.argv[4])
+
+def get(t):
+    t.sendall(b"GET / HTTP/1.1\r\nHost: www.example.test\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        b = t.recv(4096)
+        if not b:
+            raise EOFError("closed in headers")
+        data += b
+    head, _, body = data.partition(b"\r\n\r\n")
+    n = int(dict(l.split(b": ", 1) for l in head.split(b"\r\n")[1:]
+                 if b": " in l).get(b"Content-Length", b"0"))
+    while len(body) < n:
+        b = t.recv(4096)
+        if not b:
+            raise EOFError("closed in body")
+        body += b
+    return body.decode().strip()
+
+mode, host, port = sys.argv[1:4]
+try:
+    if mode == "get":
+        print(get(tls(host, port, ["h2", "http/1.1"])))
+    elif mode == "acme":
+        t = tls(host, port, ["acme-tls/1"])
+        print(t.selected_alpn_protocol(), t.getpeercert(True).hex())
+    elif mode == "tcp":
+        socket.create_connection((host, int(port)), timeout=5).close()
+        print("open")
+    elif mode == "persist":
+        t = tls(host, port, ["http/1.1"])
+        for line in sys.stdin:
+            print(get(t), flush=True)
+except ConnectionRefusedError:
+    print("refused")
+except Exception as e:
+    print("ERR %s: %s" % (type(e).__name__, e))
+    sys.exit(1)
+'''
+
+
+def nginx_conf(tmp, crt, key, listens, body, extra=""):
+    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / d).mkdir(exist_ok=True)
+    conf = tmp / "nginx.conf"
+    conf.write_text("""
+user root;
+worker_processes 1;
+daemon off;
+pid %(t)s/nginx.pid;
+error_log %(t)s/nginx-error.log info;
+events { worker_connections 128; }
+http {
+    access_log %(t)s/access.log;
+    default_type text/plain;
+    client_body_temp_path %(t)s/body;
+    proxy_temp_path %(t)s/proxy;
+    fastcgi_temp_path %(t)s/fastcgi;
+    uwsgi_temp_path %(t)s/uwsgi;
+    scgi_temp_path %(t)s/scgi;
+    keepalive_timeout 120s;
+    %(extra)s
+    server {
+        %(listens)s
+        ssl_certificate %(crt)s;
+        ssl_certificate_key %(key)s;
+        location / { return 200 "%(body)s\\n"; }
+    }
+}
+""" % dict(t=tmp, crt=crt, key=key, extra=extra, body=body,
+           listens="\n        ".join("listen %s;" % l for l in listens)))
+    return conf
+
+
+def test_renewal_window(tmp_path, netns, procs):
+    """nginx keeps port 443 in the server namespace; the client namespace
+    reaches it over a veth pair.  The socket unit's ExecStartPost= opens the
+    window around alpnd (the service's own ExecStart= and default options)
+    under systemd-socket-activate on the unit's side port;
+    ExecStopPre=/ExecStopPost= close it."""
+    net, srv, cli = netns, netns.srv, netns.cli
+    sbin = make_sbin(tmp_path)
+    certs = tmp_path / "certs"
+    want_der = make_challenge(certs)
+    crt, key = self_signed(tmp_path)
+    conf = nginx_conf(tmp_path, crt, key, ["443 ssl", "[::]:443 ssl"],
+                      "nginx $remote_addr")
+    client = tmp_path / "client.py"
+    client.write_text(CLIENT)
+
+    def ask(mode, host="10.203.0.1", port=443):
+        r = run(net.cmd(cli, [PY, client, mode, host, port, CHALLENGE]),
+                check=False)
+        return r.stdout.strip() or r.stderr.strip()
+
+    ngx = procs.start(net.cmd(srv, ["nginx", "-c", conf, "-p", tmp_path,
+                                    "-e", tmp_path / "nginx-error.log"]))
+    wait_listen(443, srv, ngx)
+
+    # Before: nginx answers, IPv4 and IPv6, and sees the client.
+    assert ask("get") == "nginx 10.203.0.2"
+    assert ask("get", "fd00:a1::1") == "nginx fd00:a1::2"
+    assert ask("acme").startswith("ERR")  # nginx has no acme-tls/1
+    # A connection opened before the window, kept across it.
+    held = procs.start(net.cmd(cli, [PY, client, "persist", "10.203.0.1",
+                                     443, CHALLENGE]),
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       text=True)
+
+    def held_get():
+        held.stdin.write("get\n")
+        held.stdin.flush()
+        ready, _, _ = select.select([held.stdout], [], [], 10)
+        assert ready, "held connection: no answer"
+        return held.stdout.readline().strip()
+
+    assert held_get() == "nginx 10.203.0.2"
+
+    # The window opens: alpnd on the unit's side port, then ExecStartPost=.
+    side = int(unit_values(REDIRECT_SOCKET, "ListenStream", "Socket")[0])
+    svc = UNITS / "alpnd-redirect@.service"
+    words = expand_exec(subst(unit_values(svc, "ExecStart")[0], sbin),
+                        unit_env(svc))
+    assert words[0] == str(sbin / "alpnd")
+    words = [str(certs) if w == DEFAULT_CERTS else w for w in words]
+    assert str(certs) in words
+    words += ["--respond", str(sbin / "alpnd-respond")]
+    log = open(tmp_path / "alpnd.log", "w")
+    sa = procs.start(net.cmd(srv, ["systemd-socket-activate", "-l", side,
+                                   "-a", "--inetd", "--"] + words),
+                     stderr=log)
+    wait_listen(side, srv, sa)
+    for cmd in redirect_commands(sbin, "ExecStartPost"):
+        net.sh(srv, shlex.join(cmd))
+    assert "alpnd_redirect" in nft_tables(net)
+
+    # During: acme-tls/1 gets the challenge certificate over IPv4 and IPv6.
+    for host in ("10.203.0.1", "fd00:a1::1"):
+        alpn, _, der = ask("acme", host).partition(" ")
+        assert alpn == "acme-tls/1", der
+        assert bytes.fromhex(der) == want_der
+    # HTTPS still reaches nginx, now relayed by alpnd from 127.0.0.1.
+    assert ask("get") == "nginx 127.0.0.1"
+    assert ask("get", "fd00:a1::1") == "nginx 127.0.0.1"
+    # The connection opened before the window never noticed it.
+    assert held_get() == "nginx 10.203.0.2"
+    # The side port itself is closed to the network.
+    assert ask("tcp", port=side) == "refused"
+
+    # The window closes as systemd closes it.
+    for cmd in redirect_commands(sbin, "ExecStopPre"):
+        net.sh(srv, shlex.join(cmd))
+    procs.stop(sa)
+    for cmd in redirect_commands(sbin, "ExecStopPost"):
+        net.sh(srv, shlex.join(cmd))
+    log.close()
+
+    # After: nginx answers directly again; no table, no rule left.
+    assert ask("get") == "nginx 10.203.0.2"
+    assert ask("get", "fd00:a1::1") == "nginx fd00:a1::2"
+    assert held_get() == "nginx 10.203.0.2"
+    assert net.sh(srv, "nft list ruleset").stdout.strip() == ""
+    logtext = (tmp_path / "alpnd.log").read_text()
+    assert "alpnd[" in logtext, logtext
+
+
+# ------------------------------------------------- xinetd and tcpserver
+
+def check_inetd_style(port, backend, certs_der, expect_proxy=True):
+    """A server started per connection on `port`: plain bytes reach the
+    backend with a PROXY v2 header naming the client, over IPv4 and IPv6;
+    acme-tls/1 gets the challenge certificate; the client receives nothing
+    but the backend's (or the TLS server's) bytes."""
+    for host, src in (("127.0.0.1", "127.0.0.2"), ("::1", None)):
+        out = plain_request(host, port, source=src)
+        want = "%s:" % src if src else "[::1]:"
+        assert out.startswith(b"backend: " + want.encode()), out
+        assert out.count(b"\n") == 1, out  # no log line leaked to the client
+    alpn, der, end = acme_handshake("127.0.0.1", port)
+    assert alpn == "acme-tls/1" and der == certs_der
+    assert not end.startswith(("garbage", "data")), end
+
+
+def test_xinetd(tmp_path, procs, backend):
+    if shutil.which("xinetd") is None:
+        pytest.fail("xinetd is not installed (tests/deps check)")
+    sbin = make_sbin(tmp_path)
+    certs = tmp_path / "certs"
+    der = make_challenge(certs)
+    port = free_port()
+    text = subst((CONTRIB / "xinetd.alpnd").read_text(), sbin)
+    text = re.sub(r"(?m)^(\s*port\s*=\s*)443$", r"\g<1>%d" % port, text)
+    text = re.sub(r"(?m)^(\s*user\s*=\s*)alpnd$", r"\1root", text)
+    text = re.sub(r"(?m)^(\s*group\s*=\s*)alpnd-certs$", r"\1root", text)
+    text = text.replace("127.0.0.1:8443", "127.0.0.1:%d" % backend.port)
+    text = text.replace(DEFAULT_CERTS, "%s --respond %s" % (
+        certs, sbin / "alpnd-respond"))
+    assert "port\t\t= %d" % port in text and "= root" in text
+    conf = tmp_path / "xinetd.conf"
+    conf.write_text(text)
+    x = procs.start(["xinetd", "-dontfork", "-f", conf, "-pidfile",
+                     tmp_path / "xinetd.pid"], stdout=subprocess.DEVNULL,
+                    stderr=open(tmp_path / "xinetd.log", "w"))
+    wait_listen(port, proc=x)
+    check_inetd_style(port, backend, der)
+
+
+def test_tcpserver(tmp_path, procs, backend):
+    """contrib/tcpserver-run as a daemontools/runit service would run it,
+    reading the shipped /etc/default/alpnd."""
+    sbin = make_sbin(tmp_path)
+    certs = tmp_path / "certs"
+    der = make_challenge(certs)
+    port = free_port()
+    etc = tmp_path / "etc"
+    (etc / "default").mkdir(parents=True)
+    default = (CONTRIB / "default-alpnd").read_text()
+    default = default.replace("127.0.0.1:8443", "127.0.0.1:%d" % backend.port)
+    default = default.replace(DEFAULT_CERTS, "%s --respond %s" % (
+        certs, sbin / "alpnd-respond"))
+    (etc / "default" / "alpnd").write_text(subst(default, sbin, etc))
+    run_script = tmp_path / "run"
+    run_script.write_text(subst((CONTRIB / "tcpserver-run").read_text(),
+                                sbin, etc))
+    run_script.chmod(0o755)
+    env = dict(os.environ, ALPND_HOST="127.0.0.1", ALPND_PORT=str(port),
+               ALPND_USER="root", ALPND_GROUP="root")
+    logf = tmp_path / "tcpserver.log"
+    t = procs.start([run_script], env=env, stdout=open(logf, "w"),
+                    stderr=subprocess.STDOUT)
+    wait_listen(port, proc=t)
+    # Debian's tcpserver is IPv4 only: check IPv4, then what it logged.
+    out = plain_request("127.0.0.1", port, source="127.0.0.2")
+    assert out.startswith(b"backend: 127.0.0.2:"), out
+    assert out.count(b"\n") == 1, out
+    alpn, got, end = acme_handshake("127.0.0.1", port)
+    assert alpn == "acme-tls/1" and got == der
+    assert not end.startswith(("garbage", "data")), end
+    # alpnd's log line went to the run script's log, not to the client
+    end_t = time.monotonic() + 5
+    while time.monotonic() < end_t and "alpnd[" not in logf.read_text():
+        time.sleep(0.05)
+    assert "alpnd[" in logf.read_text()
+
+
+# ------------------------------------------------------- make install
+
+def test_make_install(tmp_path, procs, backend):
+    dest = tmp_path / "dest"
+    r = run(["make", "-s", "install", "DESTDIR=%s" % dest], cwd=ROOT,
+            timeout=120)
+    unitdir = run(["make", "-s", "--no-print-directory", "-f", "-",
+                   "show"], cwd=ROOT, check=False,
+                  input="include Makefile\nshow:\n\t@echo $(SYSTEMDUNITDIR) "
+                        "$(SBINDIR) $(RESPOND_PATH)\n").stdout.split()
+    unitdir, sbindir, respond_path = unitdir[-3:]
+    assert respond_path == sbindir + "/alpnd-respond"
+    sbin = dest / sbindir.lstrip("/")
+    for prog in ("alpnd", "alpnd-respond", "alpnd-redirect"):
+        assert os.access(sbin / prog, os.X_OK), prog
+    units = dest / unitdir.lstrip("/")
+    for u in UNIT_FILES:
+        text = (units / u).read_text()
+        assert "@" not in re.sub(r"alpnd(-redirect)?@", "", text), u
+    text = (units / "alpnd@.service").read_text()
+    assert "ExecStart=%s/alpnd " % sbindir in text
+    assert (dest / "etc/default/alpnd").exists()
+    assert "@" not in (dest / "etc/default/alpnd").read_text()
+    # the installed router names the installed responder
+    assert respond_path in run([sbin / "alpnd", "--help"],
+                               check=False).stdout
+    # --version, and a relay by the installed binary
+    v = run([sbin / "alpnd", "--version"])
+    assert re.match(r"alpnd \d+\.\d+", v.stdout + v.stderr)
+    port = free_port()
+    sa = procs.start(["systemd-socket-activate", "-l", "127.0.0.1:%d" % port,
+                      "-a", "--inetd", "--", sbin / "alpnd", "--fallback",
+                      "127.0.0.1:%d" % backend.port, "--send-proxy", "v2",
+                      "--certs", tmp_path, "--respond",
+                      sbin / "alpnd-respond"],
+                     stderr=subprocess.DEVNULL)
+    wait_listen(port, proc=sa)
+    out = plain_request("127.0.0.1", port, source="127.0.0.3")
+    assert out.startswith(b"backend: 127.0.0.3:"), out
+    assert backend.seen[-1][1].startswith(b"GET / HTTP/1.0\r\n")
+    # the installed responder makes certificates
+    der = make_challenge_with(sbin / "alpnd-respond", tmp_path / "c2")
+    assert der
+    # uninstall leaves only the configuration file
+    run(["make", "-s", "uninstall", "DESTDIR=%s" % dest], cwd=ROOT)
+    left = sorted(str(p.relative_to(dest)) for p in dest.rglob("*")
+                  if p.is_file())
+    assert left == ["etc/default/alpnd"], left
+
+
+def make_challenge_with(respond, certs):
+    certs.mkdir()
+    run([respond, "--certs", certs, "--make", "a.example.test",
+         "tok.thumb"])
+    return (certs / "a.example.test.crt.pem").read_bytes()
