@@ -871,7 +871,7 @@ drain(int fd)
 static int
 connection_fd(void)
 {
-	int n, fd, type = 0, acc = 0;
+	int n, fd, fl, one, type = 0, acc = 0;
 	socklen_t sl;
 	struct stat st;
 
@@ -903,6 +903,11 @@ connection_fd(void)
 		    "accepted connection (Accept=yes)\n", PROG, fd);
 		return -1;
 	}
+	/* Whatever peeked before us: blocking reads, no low-water mark. */
+	if ((fl = fcntl(fd, F_GETFL)) != -1 && (fl & O_NONBLOCK))
+		(void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+	one = 1;
+	(void)setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
 	return fd;
 }
 

@@ -38,7 +38,7 @@ def certs(tmp_path):
 
 
 @pytest.fixture
-def inetd(certs):
+def responder(certs):
     servers = []
 
     def start(binary=A.RESPOND, timeout=3, env=None):
@@ -286,7 +286,7 @@ FAULTS = fault_table()
 
 @pytest.mark.parametrize("label,build,reason", FAULTS,
                          ids=[f[0] for f in FAULTS])
-def test_certificate_checks(certs, inetd, label, build, reason):
+def test_certificate_checks(certs, responder, label, build, reason):
     build(certs)
     # --check says the same thing the server will log
     r = check(certs, NAME)
@@ -297,7 +297,7 @@ def test_certificate_checks(certs, inetd, label, build, reason):
     else:
         assert r.returncode == 65, r.stdout
         assert reason in r.stdout, r.stdout
-    srv = inetd()
+    srv = responder()
     if reason is None:
         der, alpn, _ = A.py_tls(srv.port, NAME)
         with open(os.path.join(certs, NAME + ".crt.pem"), "rb") as f:
@@ -376,8 +376,8 @@ def sni_certs(certs):
     return certs
 
 
-def test_sni_validation_table(sni_certs, inetd):
-    srv = inetd()
+def test_sni_validation_table(sni_certs, responder):
+    srv = responder()
     n = 0
     for sni, served, reason in SNI_TABLE:
         res = A.raw_exchange(srv.port, A.raw_client_hello(sni))
@@ -398,9 +398,9 @@ def test_sni_validation_table(sni_certs, inetd):
     assert n == len(SNI_TABLE)
 
 
-def test_no_sni_and_no_alpn(certs, inetd):
+def test_no_sni_and_no_alpn(certs, responder):
     assert make(certs, "v.example.org").returncode == 0
-    srv = inetd()
+    srv = responder()
     assert A.raw_exchange(srv.port, A.raw_client_hello(None)) == \
         ("alert", A.ALERT_UNRECOGNIZED_NAME)
     assert "no SNI" in srv.last().log()["reason"]
@@ -417,9 +417,9 @@ def test_no_sni_and_no_alpn(certs, inetd):
         A.py_tls(srv.port, "v.example.org", alpn=())
 
 
-def test_old_tls_versions_refused(certs, inetd):
+def test_old_tls_versions_refused(certs, responder):
     assert make(certs, "v.example.org").returncode == 0
-    srv = inetd()
+    srv = responder()
     res = A.raw_exchange(srv.port, A.raw_client_hello(b"v.example.org",
                                                       version=0x0302))
     assert res == ("alert", A.ALERT_PROTOCOL_VERSION)
@@ -440,9 +440,9 @@ def served_der(certs, name):
             serialization.Encoding.DER)
 
 
-def test_gnutls_cli(certs, inetd):
+def test_gnutls_cli(certs, responder):
     assert make(certs, "v.example.org").returncode == 0
-    srv = inetd()
+    srv = responder()
     r = A.run(["gnutls-cli", "--insecure", "--alpn=acme-tls/1",
                "--sni-hostname=v.example.org", "--save-cert=/dev/stdout",
                "-p", str(srv.port), "127.0.0.1"], stdin=subprocess.DEVNULL)
@@ -459,11 +459,11 @@ def test_gnutls_cli(certs, inetd):
 @pytest.mark.parametrize("ver,name", [("-tls1_2", "TLSv1.2"),
                                       ("-tls1_3", "TLSv1.3")])
 @pytest.mark.parametrize("kind", ["ec", "rsa"])
-def test_openssl_s_client(certs, inetd, ver, name, kind):
+def test_openssl_s_client(certs, responder, ver, name, kind):
     A.write_pair(certs, "v.example.org",
                  A.challenge_cert("v.example.org", DIGEST, A.key(kind)),
                  A.key(kind))
-    srv = inetd()
+    srv = responder()
     r = A.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % srv.port,
                "-servername", "v.example.org", "-alpn", "acme-tls/1", ver],
               stdin=subprocess.DEVNULL)
@@ -480,10 +480,10 @@ def test_openssl_s_client(certs, inetd, ver, name, kind):
         "TLS", "TLS"))
 
 
-def test_python_ssl_both_versions_and_ipv6(certs, inetd):
+def test_python_ssl_both_versions_and_ipv6(certs, responder):
     assert make(certs, "v.example.org").returncode == 0
     assert make(certs, "::1").returncode == 0
-    srv = inetd()
+    srv = responder()
     for v in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
         der, alpn, got = A.py_tls(srv.port, "v.example.org", minv=v, maxv=v)
         assert der == served_der(certs, "v.example.org")
@@ -501,8 +501,8 @@ def test_python_ssl_both_versions_and_ipv6(certs, inetd):
     assert ch.log()["client"].startswith("[::1]:")
 
 
-def test_unknown_name_openssl(certs, inetd):
-    srv = inetd()
+def test_unknown_name_openssl(certs, responder):
+    srv = responder()
     r = A.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % srv.port,
                "-servername", "nobody.example.org", "-alpn", "acme-tls/1"],
               stdin=subprocess.DEVNULL)
@@ -513,8 +513,8 @@ def test_unknown_name_openssl(certs, inetd):
     assert "nobody.example.org.crt.pem: No such file" in log["reason"]
 
 
-def test_handshake_deadline(certs, inetd):
-    srv = inetd(timeout=1)
+def test_handshake_deadline(certs, responder):
+    srv = responder(timeout=1)
     t0 = time.monotonic()
     with socket.create_connection(("127.0.0.1", srv.port)) as s:
         s.sendall(A.raw_client_hello(b"v.example.org")[:20])   # partial
@@ -525,12 +525,12 @@ def test_handshake_deadline(certs, inetd):
     assert 0.9 < took < 4, took
 
 
-def test_50_concurrent_validations(certs, inetd):
+def test_50_concurrent_validations(certs, responder):
     names = ["c%02d.example.org" % i for i in range(50)]
     for n in names:
         A.write_pair(certs, n, A.challenge_cert(n, DIGEST, A.key("ec")),
                      A.key("ec"))
-    srv = inetd(timeout=20)
+    srv = responder(timeout=20)
     t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(50) as ex:
         res = list(ex.map(lambda n: A.py_tls(srv.port, n, timeout=30),
@@ -545,19 +545,19 @@ def test_50_concurrent_validations(certs, inetd):
           % (took, sorted(k.log()["ms"] for k in kids)[25]))
 
 
-def test_journal_stream_mismatch_falls_back_to_stderr(certs, inetd):
+def test_journal_stream_mismatch_falls_back_to_stderr(certs, responder):
     assert make(certs, "v.example.org").returncode == 0
     env = dict(os.environ, JOURNAL_STREAM="1:1")
-    srv = inetd(env=env)
+    srv = responder(env=env)
     A.py_tls(srv.port, "v.example.org")
     assert srv.last().log()["result"] == "ok"
 
 
 @pytest.mark.skipif(not os.access(A.RESPOND_ASAN, os.X_OK),
                     reason="no ASan build")
-def test_asan_build_tables(sni_certs, inetd):
+def test_asan_build_tables(sni_certs, responder):
     """The SNI table and a few faults again under ASan+UBSan."""
-    srv = inetd(binary=A.RESPOND_ASAN)
+    srv = responder(binary=A.RESPOND_ASAN)
     for i, (sni, served, _) in enumerate(SNI_TABLE):
         res = A.raw_exchange(srv.port, A.raw_client_hello(sni))
         assert res[0] == ("server_hello" if served else "alert"), sni
@@ -630,3 +630,126 @@ def test_systemd_socket_activate(certs, inetd_mode):
         sa.close()
     assert sorted(l["result"] for l in logs) == \
         ["io_error", "ok", "unrecognized_name"], sa.lines
+
+
+# ------------------------------------------------ through the router (alpnd)
+
+needs_alpnd = pytest.mark.skipif(not os.access(A.ALPND, os.X_OK),
+                                 reason="alpnd not built")
+
+
+@pytest.fixture
+def routed(certs, echo_backend):
+    """alpnd per connection (fd 0, inetd style) with --certs, the real
+    responder, and an echo fallback."""
+    servers = []
+    backend = echo_backend()
+
+    def start(binary=A.RESPOND):
+        s = A.Inetd([A.ALPND, "--fallback", backend.addr, "--certs", certs,
+                     "--respond", binary, "--hello-timeout", "5"])
+        servers.append(s)
+        return s
+    start.backend = backend
+    yield start
+    for s in servers:
+        s.close()
+
+
+@needs_alpnd
+def test_router_execs_responder(certs, routed):
+    assert make(certs, "v.example.org").returncode == 0
+    srv = routed()
+    der, alpn, _ = A.py_tls(srv.port, "v.example.org")
+    assert der == served_der(certs, "v.example.org")
+    assert alpn == "acme-tls/1"
+    ch = srv.last()
+    assert ch.rc == 0, ch.stderr
+    # one process: alpnd's line, then the responder's (same pid, execve)
+    log = ch.log()
+    assert log["result"] == "ok"
+    assert "alpnd[%d]:" % log["pid"] in ch.stderr
+    # a client that does not ask for acme-tls/1 never meets the responder
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100) == b"GET / HTTP/1.0\r\n\r\n"[:100]
+    ch = srv.last()
+    assert ch.log() is None and "alpnd-respond" not in ch.stderr
+
+
+@needs_alpnd
+def test_router_real_clients(certs, routed):
+    assert make(certs, "v.example.org").returncode == 0
+    srv = routed()
+    for ver in ("-tls1_2", "-tls1_3"):
+        r = A.run(["openssl", "s_client", "-connect",
+                   "127.0.0.1:%d" % srv.port, "-servername", "v.example.org",
+                   "-alpn", "acme-tls/1", ver], stdin=subprocess.DEVNULL)
+        assert "ALPN protocol: acme-tls/1" in r.stdout, r.stdout + r.stderr
+        assert srv.last().rc == 0
+    r = A.run(["gnutls-cli", "--insecure", "--alpn=acme-tls/1",
+               "--sni-hostname=v.example.org", "-p", str(srv.port),
+               "127.0.0.1"], stdin=subprocess.DEVNULL)
+    assert "Handshake was completed" in r.stdout, r.stdout + r.stderr
+    assert srv.last().log()["result"] == "ok"
+    # unknown name and hostile SNI: the responder's refusal comes through
+    r = A.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % srv.port,
+               "-servername", "nobody.example.org", "-alpn", "acme-tls/1"],
+              stdin=subprocess.DEVNULL)
+    assert "unrecognized name" in r.stdout + r.stderr
+    # (alpnd's own parser may drop a hostile name before the responder runs)
+    for sni in (b"../v.example.org", b"v.example.org\x00", b"127.0.0.1",
+                b"x" + LONG253.encode()):
+        try:
+            res = A.raw_exchange(srv.port, A.raw_client_hello(sni))
+        except ConnectionResetError:
+            res = ("closed", None)
+        ch = srv.last()
+        assert ch.rc == 65, (sni, ch.stderr)
+        if res == ("closed", None):
+            assert ch.log() is None and "bad ClientHello" in ch.stderr
+        else:
+            assert res == ("alert", A.ALERT_UNRECOGNIZED_NAME), sni
+            assert ch.log()["result"] == "unrecognized_name"
+
+
+@needs_alpnd
+def test_router_50_concurrent_validations(certs, routed):
+    names = ["r%02d.example.org" % i for i in range(50)]
+    for n in names:
+        A.write_pair(certs, n, A.challenge_cert(n, DIGEST, A.key("ec")),
+                     A.key("ec"))
+    srv = routed()
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(50) as ex:
+        res = list(ex.map(lambda n: A.py_tls(srv.port, n, timeout=30),
+                          names))
+    took = time.monotonic() - t0
+    for n, (der, alpn, _) in zip(names, res):
+        assert der == served_der(certs, n) and alpn == "acme-tls/1"
+    kids = srv.wait(50, timeout=30)
+    assert all(k.rc == 0 for k in kids)
+    assert sorted(k.log()["sni"] for k in kids) == names
+    print("50 concurrent validations through alpnd: %.2fs wall" % took)
+
+
+@needs_alpnd
+@pytest.mark.parametrize("mode", ["fds", "listen"])
+def test_router_socket_activated(certs, activate, mode):
+    """alpnd under systemd-socket-activate: Accept=yes with LISTEN_FDS (the
+    responder takes over fd 3 after execve) and listening-socket mode (alpnd
+    forks the responder with the connection as stdin)."""
+    assert make(certs, "v.example.org").returncode == 0
+    a = activate(["--fallback", "127.0.0.1:9", "--certs", certs,
+                  "--respond", A.RESPOND], mode=mode)
+    der, alpn, _ = A.py_tls(a.port, "v.example.org")
+    assert der == served_der(certs, "v.example.org")
+    with pytest.raises(ssl.SSLError, match="(?i)unrecognized.name"):
+        A.py_tls(a.port, "w.example.org")
+
+    def results():
+        r = [l["result"] for l in A.parse_log(a.text())]
+        return r if {"ok", "unrecognized_name"} <= set(r) else None
+    from conftest import wait_for
+    wait_for(results, 10, "responder log lines")
