@@ -550,8 +550,16 @@ finish(struct conn *c, int code, const char *fmt, ...)
 	q_remove(c);
 	if (c->bfd != -1)
 		close(c->bfd);
-	if (c->cfd != -1)
+	if (c->cfd != -1) {
+		/*
+		 * Never relayed: discard what the client sent, so that the
+		 * close is a FIN rather than a reset.
+		 */
+		if (c->state != S_RELAY)
+			(void)recv(c->cfd, peekbuf, sizeof(peekbuf),
+			    MSG_DONTWAIT | MSG_TRUNC);
 		close(c->cfd);
+	}
 	c->bfd = c->cfd = -1;
 	close_pipe(c->up.p, c->up.inpipe == 0);
 	close_pipe(c->dn.p, c->dn.inpipe == 0);
@@ -687,6 +695,9 @@ respond(struct conn *c, int64_t now)
 	}
 	default:
 		nchild++;
+		/* The child has the connection now: hands off its bytes. */
+		close(c->cfd);
+		c->cfd = -1;
 		finish(c, EX_OK, "exec %s pid %ld", respond_path, (long)pid);
 	}
 }

@@ -1,0 +1,789 @@
+"""alpnd, the router: launch modes, routing, relay exactness, PROXY protocol,
+slow and broken peers, listening-socket mode.  Real processes throughout:
+systemd-socket-activate, tcpserver, xinetd, nginx, curl, openssl, gnutls-cli.
+"""
+import json
+import os
+import socket
+import stat
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import (ALPND, PY, ROOT, client_hello, free_port, parse_logs,
+                      sha256, wait_for, wait_log, wait_port)
+
+HELLOS = os.path.join(ROOT, "tests", "hellos")
+V2SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def recv_all(s, timeout=15):
+    s.settimeout(timeout)
+    out = bytearray()
+    while True:
+        b = s.recv(1 << 20)
+        if not b:
+            return bytes(out)
+        out += b
+
+
+def exchange(port, data, host="127.0.0.1", family=socket.AF_INET,
+             source=None, timeout=15):
+    """Connect, send data, half-close, read until EOF."""
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if source:
+            s.bind((source, 0))
+        s.settimeout(timeout)
+        s.connect((host, port))
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        return recv_all(s, timeout)
+    finally:
+        s.close()
+
+
+def curl(url, port, *extra):
+    r = subprocess.run(["curl", "-sS", "-k", "--max-time", "10",
+                        "--resolve", "localhost:%d:127.0.0.1" % port]
+                       + list(extra) + [url],
+                       capture_output=True, timeout=20)
+    return r
+
+
+@pytest.fixture
+def recorder(tmp_path):
+    """A stand-in responder: records argv, env and what it finds on the
+    connection (which must still start with the ClientHello)."""
+    out = tmp_path / "respond.json"
+    script = tmp_path / "respond-recorder"
+    script.write_text("""#!%s
+import json, os, socket, stat, sys
+pid = os.getpid()
+fd = 3 if (os.environ.get("LISTEN_FDS") == "1"
+           and os.environ.get("LISTEN_PID") == str(pid)) else 0
+st = os.fstat(fd)
+s = socket.socket(fileno=fd)
+blocking = s.getblocking()
+s.settimeout(5)
+head = s.recv(5)
+info = {"argv": sys.argv, "pid": pid, "fd": fd,
+        "issock": stat.S_ISSOCK(st.st_mode), "blocking": blocking,
+        "env": {k: v for k, v in os.environ.items() if k.startswith("LISTEN_")},
+        "head": head.hex()}
+with open(%r + ".tmp", "w") as f:
+    json.dump(info, f)
+os.rename(%r + ".tmp", %r)
+s.sendall(b"RESPONDER\\n")
+s.shutdown(socket.SHUT_WR)
+""" % (PY, str(out), str(out), str(out)))
+    script.chmod(0o755)
+    certs = tmp_path / "certs"
+    certs.mkdir()
+
+    class R:
+        path = str(script)
+        dir = str(certs)
+
+        def info(self, timeout=10):
+            wait_for(lambda: out.exists(), timeout, "the responder to run")
+            return json.loads(out.read_text())
+    return R()
+
+
+# --- launch modes ----------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["inetd", "fds"])
+def test_socket_activate_curl_h1_h2(activate, nginx, recorder, mode):
+    n = nginx()
+    a = activate(["--fallback", n.addr, "--certs", recorder.dir,
+                  "--respond", recorder.path], mode=mode)
+    r = curl("https://localhost:%d/" % a.port, a.port, "--http1.1")
+    assert r.stdout == b"hello from nginx\n", r.stderr
+    r = curl("https://localhost:%d/" % a.port, a.port, "--http2")
+    assert r.stdout == b"hello from nginx\n", r.stderr
+    lines = a.wait_lines(2)
+    assert [x["route"] for x in lines] == ["fallback", "fallback"]
+    assert lines[0]["sni"] == "localhost" and lines[0]["alpn"] == "http/1.1"
+    assert lines[1]["alpn"] == "h2,http/1.1"
+    assert all(x["result"] == "ok" for x in lines)
+    assert all(x["client"].startswith("127.0.0.1:") for x in lines)
+    assert int(lines[0]["up"]) > 200 and int(lines[0]["down"]) > 200
+    log = wait_log(n.access_log, r"HTTP/2.0 200").string
+    assert "HTTP/1.1 200" in log
+
+
+def test_tcpserver(procs, nginx, tmp_path):
+    n = nginx()
+    port = free_port()
+    log = procs.log("tcpserver")
+    procs.start(["tcpserver", "-q", "-H", "-R", "127.0.0.1", port, ALPND,
+                 "--fallback", n.addr, "--acme", "127.0.0.1:9"],
+                stderr=open(log, "w"))
+    wait_port(port)
+    r = curl("https://localhost:%d/big" % port, port, "--http2", "-o",
+             str(tmp_path / "big"))
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(n.dir, "big"), "rb") as f:
+        assert (tmp_path / "big").read_bytes() == f.read()
+    m = wait_log(log, r"alpnd\[\d+\]: .* localhost h2,http/1.1 fallback "
+                 r"\d+ (\d+) [0-9.]+s ok")
+    assert int(m.group(1)) > 1 << 20
+
+
+def test_xinetd_stderr_is_the_socket(procs, echo_backend, tmp_path):
+    """xinetd hands over fd 0, 1 and 2 as the socket: the log line must not
+    end up in the client's byte stream (alpnd switches to syslog)."""
+    b = echo_backend("echo")
+    port = free_port()
+    conf = tmp_path / "xinetd.conf"
+    conf.write_text("""service alpnd-test
+{
+	type		= UNLISTED
+	socket_type	= stream
+	protocol	= tcp
+	wait		= no
+	user		= root
+	bind		= 127.0.0.1
+	port		= %d
+	server		= %s
+	server_args	= --fallback %s --acme 127.0.0.1:9
+	instances	= 50
+}
+""" % (port, ALPND, b.addr))
+    log = procs.log("xinetd")
+    procs.start(["xinetd", "-dontfork", "-f", str(conf), "-pidfile",
+                 str(tmp_path / "xinetd.pid"), "-filelog", log],
+                stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    wait_port(port)
+    payload = b"GET / HTTP/1.0\r\n\r\n" + os.urandom(3000)
+    assert exchange(port, payload) == payload
+    b.wait_conns(1)
+
+
+# --- peers -------------------------------------------------------------------
+
+def test_openssl_and_gnutls_clients(inetd, nginx, recorder):
+    n = nginx()
+    i = inetd(["--fallback", n.addr, "--certs", recorder.dir, "--respond",
+               recorder.path])
+    r = subprocess.run(["openssl", "s_client", "-connect",
+                        "127.0.0.1:%d" % i.port, "-servername", "localhost",
+                        "-alpn", "h2"], input=b"", capture_output=True,
+                       timeout=20)
+    assert b"ALPN protocol: h2" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run(["gnutls-cli", "--insecure", "-p", str(i.port),
+                        "--alpn", "http/1.1", "localhost"], input=b"",
+                       capture_output=True, timeout=20)
+    assert b"Handshake was completed" in r.stdout, r.stdout + r.stderr
+    res = i.wait_results(2)
+    assert [x.rc for x in res] == [0, 0]
+    assert all("fallback" in x.stderr for x in res)
+    # acme-tls/1 goes to the responder, the ClientHello still unread.
+    r = subprocess.run(["openssl", "s_client", "-connect",
+                        "127.0.0.1:%d" % i.port, "-servername", "example.org",
+                        "-alpn", "acme-tls/1"], input=b"",
+                       capture_output=True, timeout=20)
+    info = recorder.info()
+    assert info["head"].startswith("1603"), info
+    assert info["argv"][1:4] == ["--certs", recorder.dir, "--hello-timeout"]
+    assert 1 <= int(info["argv"][4]) <= 10
+    assert info["fd"] == 0 and info["issock"] and info["blocking"]
+    res = i.wait_results(3)
+    log = parse_logs(res[2].stderr)
+    assert log and log[0]["route"] == "respond"
+    assert log[0]["sni"] == "example.org" and log[0]["alpn"] == "acme-tls/1"
+    assert int(log[0]["pid"]) == info["pid"], "not the same process"
+
+
+def test_gnutls_acme_exec_listen_fds(activate, recorder):
+    """systemd Accept=yes: the responder finds the connection on fd 3 with
+    LISTEN_FDS=1 and LISTEN_PID = its own pid (alpnd execve'd itself away)."""
+    a = activate(["--fallback", "127.0.0.1:9", "--certs", recorder.dir,
+                  "--respond", recorder.path], mode="fds")
+    subprocess.run(["gnutls-cli", "--insecure", "-p", str(a.port),
+                    "--alpn", "acme-tls/1", "--sni-hostname", "acme.test",
+                    "localhost"], input=b"", capture_output=True, timeout=20)
+    info = recorder.info()
+    assert info["fd"] == 3 and info["issock"]
+    assert info["env"]["LISTEN_FDS"] == "1"
+    assert info["env"]["LISTEN_PID"] == str(info["pid"])
+    assert info["head"].startswith("1603")
+    line = a.wait_lines(1)[0]
+    assert line["route"] == "respond" and line["sni"] == "acme.test"
+
+
+def test_acme_relay(inetd, echo_backend):
+    fb = echo_backend("record")
+    ac = echo_backend("record", reply=b"ACME-LISTENER")
+    i = inetd(["--fallback", fb.addr, "--acme", ac.addr])
+    hello = client_hello("acme.example", ["acme-tls/1"])
+    assert exchange(i.port, hello) == b"ACME-LISTENER"
+    ac.wait_conns(1)
+    wait_for(lambda: ac.conns[0].closed, 5, "acme backend close")
+    assert bytes(ac.conns[0].data) == hello
+    assert fb.conns == []
+    res = i.wait_results(1)[0]
+    assert res.rc == 0 and " acme " in res.stderr
+
+
+# --- relay exactness -----------------------------------------------------------
+
+def test_byte_exact_both_ways(inetd, echo_backend):
+    reply = os.urandom(3 << 20)
+    b = echo_backend("record", reply=reply)
+    i = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9"])
+    hello = client_hello("exact.test")
+    body = os.urandom(2 << 20)
+    got = exchange(i.port, hello + body)
+    assert sha256(got) == sha256(reply)
+    wait_for(lambda: b.conns and b.conns[0].eof, 10, "backend EOF")
+    assert sha256(bytes(b.conns[0].data)) == sha256(hello + body)
+    res = i.wait_results(1)[0]
+    line = parse_logs(res.stderr)[0]
+    assert int(line["up"]) == len(hello + body)
+    assert int(line["down"]) == len(reply)
+    assert line["sni"] == "exact.test" and res.rc == 0
+
+
+def test_hello_in_one_byte_segments(inetd, echo_backend):
+    b = echo_backend("echo")
+    i = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9", "-v"])
+    hello = client_hello("slow.segments.test", ["h2"])
+    s = socket.create_connection(("127.0.0.1", i.port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for k in range(len(hello)):
+        s.send(hello[k:k + 1])
+        time.sleep(0.0005)
+    s.sendall(b"tail")
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == hello + b"tail"
+    s.close()
+    res = i.wait_results(1)[0]
+    line = parse_logs(res.stderr)[0]
+    assert line["sni"] == "slow.segments.test" and line["alpn"] == "h2"
+    assert res.rc == 0
+
+
+@pytest.mark.parametrize("name,acme", [("openssl-3records.bin", True),
+                                       ("openssl-multirecord.bin", True),
+                                       ("go-acme.bin", True),
+                                       ("chromium.bin", False)])
+def test_captured_hellos_and_records(inetd, echo_backend, name, acme):
+    """Real captured hellos, some over several TLS records, sent in pieces
+    that cut across the record boundaries."""
+    path = os.path.join(HELLOS, name)
+    if not os.path.exists(path):
+        pytest.fail("missing capture %s" % path)
+    data = open(path, "rb").read()
+    fb = echo_backend("echo")
+    ac = echo_backend("echo")
+    i = inetd(["--fallback", fb.addr, "--acme", ac.addr])
+    s = socket.create_connection(("127.0.0.1", i.port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for k in range(0, len(data), 100):
+        s.send(data[k:k + 100])
+        time.sleep(0.002)
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == data
+    s.close()
+    want = ac if acme else fb
+    assert len(want.conns) == 1
+    assert len((fb if acme else ac).conns) == 0
+    assert i.wait_results(1)[0].rc == 0
+
+
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                                  b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00"
+                                  b"\x10" + bytes(37),
+                                  b"x"])
+def test_not_tls_goes_to_fallback_intact(inetd, echo_backend, data):
+    b = echo_backend("echo")
+    i = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9"])
+    assert exchange(i.port, data) == data
+    res = i.wait_results(1)[0]
+    assert res.rc == 0 and " fallback " in res.stderr
+
+
+def test_half_close_client_first(inetd, echo_backend):
+    """Client: send, SHUT_WR; the backend sees EOF only after all bytes,
+    and can still answer afterwards."""
+    b = echo_backend("record", reply=b"")
+    i = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9"])
+    hello = client_hello()
+    s = socket.create_connection(("127.0.0.1", i.port))
+    s.sendall(hello + b"request")
+    s.shutdown(socket.SHUT_WR)
+    b.wait_conns(1)
+    wait_for(lambda: b.conns[0].eof, 10, "EOF at the backend")
+    assert bytes(b.conns[0].data) == hello + b"request"
+    assert recv_all(s) == b""
+    s.close()
+    assert i.wait_results(1)[0].rc == 0
+
+
+def test_half_close_backend_first(inetd, echo_backend):
+    """Backend: answers and SHUT_WRs at once; the client gets EOF yet can
+    keep sending, and all of it reaches the backend."""
+    b = echo_backend("early", reply=b"banner")
+    i = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9"])
+    hello = client_hello()
+    s = socket.create_connection(("127.0.0.1", i.port))
+    s.sendall(hello)
+    assert recv_all(s) == b"banner"      # EOF came through
+    more = os.urandom(200000)
+    s.sendall(more)
+    s.shutdown(socket.SHUT_WR)
+    b.wait_conns(1)
+    wait_for(lambda: b.conns[0].eof, 10, "EOF at the backend")
+    assert bytes(b.conns[0].data) == hello + more
+    s.close()
+    assert i.wait_results(1)[0].rc == 0
+
+
+def test_one_gib_both_ways(activate, procs, tmp_path):
+    """1 GiB each way at the same time, through a C-speed echo (socat-free:
+    a second alpnd is not used; the echo is Python with os.splice)."""
+    echo = tmp_path / "echo.py"
+    echo.write_text("""
+import os, socket, sys
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
+print(l.getsockname()[1], flush=True)
+c, _ = l.accept()
+r, w = os.pipe()
+fd = c.fileno()
+while True:
+    n = os.splice(fd, w, 1 << 20)
+    if n == 0:
+        break
+    while n:
+        n -= os.splice(r, fd, n)
+c.shutdown(socket.SHUT_WR)
+""")
+    p = procs.start([PY, str(echo)], stdout=subprocess.PIPE)
+    port = int(p.stdout.readline())
+    a = activate(["--fallback", "127.0.0.1:%d" % port, "--acme",
+                  "127.0.0.1:9"])
+    total = 1 << 30
+    block = os.urandom(16 << 20)
+    hello = client_hello("gib.test")
+    s = socket.create_connection(("127.0.0.1", a.port))
+    sent_hash = []
+
+    def sender():
+        import hashlib
+        h = hashlib.sha256()
+        s.sendall(hello)
+        h.update(hello)
+        left, k = total, 0
+        while left:
+            off = (k * 1048573) % (len(block) - (1 << 20))
+            chunk = block[off:off + min(1 << 20, left)]
+            s.sendall(chunk)
+            h.update(chunk)
+            left -= len(chunk)
+            k += 1
+        s.shutdown(socket.SHUT_WR)
+        sent_hash.append(h.hexdigest())
+
+    t = threading.Thread(target=sender)
+    t.start()
+    import hashlib
+    h = hashlib.sha256()
+    n = 0
+    s.settimeout(60)
+    while True:
+        b = s.recv(1 << 20)
+        if not b:
+            break
+        h.update(b)
+        n += len(b)
+    t.join(60)
+    s.close()
+    assert n == total + len(hello)
+    assert h.hexdigest() == sent_hash[0]
+    line = a.wait_lines(1)[0]
+    assert int(line["up"]) == n and int(line["down"]) == n
+    assert line["result"] == "ok"
+
+
+def test_200_concurrent_relays(activate, echo_backend):
+    b = echo_backend("echo")
+    a = activate(["--fallback", b.addr, "--acme", "127.0.0.1:9", "-q"])
+    socks = []
+    payloads = []
+    for k in range(200):
+        s = socket.create_connection(("127.0.0.1", a.port), timeout=30)
+        s.sendall(client_hello("c%d.test" % k))
+        socks.append(s)
+    b.wait_conns(200, timeout=40)
+    # All 200 relays are open at once now.
+    assert sum(1 for c in b.conns if not c.closed) == 200
+    for k, s in enumerate(socks):
+        p = os.urandom(1000 + k)
+        payloads.append(p)
+        s.sendall(p)
+        s.shutdown(socket.SHUT_WR)
+    for k, s in enumerate(socks):
+        got = recv_all(s, 30)
+        assert got.endswith(payloads[k])
+        s.close()
+    wait_for(lambda: all(c.closed for c in b.conns), 20, "backends closed")
+
+
+def test_ipv6(activate, echo_backend):
+    b = echo_backend("echo", family=socket.AF_INET6)
+    a = activate(["--fallback", b.addr, "--acme", "[::1]:9"], host="::1")
+    hello = client_hello("v6.test")
+    assert exchange(a.port, hello + b"v6", host="::1",
+                    family=socket.AF_INET6) == hello + b"v6"
+    line = a.wait_lines(1)[0]
+    assert line["client"].startswith("[::1]:")
+
+
+def test_unix_fallback_nginx(activate, nginx):
+    n = nginx(unix=True)
+    a = activate(["--fallback", n.addr, "--acme", "127.0.0.1:9"])
+    r = curl("https://localhost:%d/" % a.port, a.port, "--http2")
+    assert r.stdout == b"hello from nginx\n", r.stderr
+    wait_log(n.access_log, r"HTTP/2.0 200")
+
+
+def test_hostname_backend_every_address(inetd, echo_backend):
+    """localhost resolves to ::1 and 127.0.0.1: the backend listens on
+    127.0.0.1 only, so whichever comes first, the relay must get there."""
+    b = echo_backend("echo")
+    i = inetd(["--fallback", "localhost:%d" % b.port, "--acme",
+               "127.0.0.1:9"])
+    hello = client_hello()
+    assert exchange(i.port, hello) == hello
+    assert i.wait_results(1)[0].rc == 0
+
+
+# --- PROXY protocol ------------------------------------------------------------
+
+def v2_header(src, dst, sport, dport, local=False):
+    if local:
+        return V2SIG + b"\x20\x00\x00\x00"
+    if ":" in src:
+        body = (socket.inet_pton(socket.AF_INET6, src)
+                + socket.inet_pton(socket.AF_INET6, dst)
+                + struct.pack("!HH", sport, dport))
+        return V2SIG + b"\x21\x21" + struct.pack("!H", len(body)) + body
+    body = (socket.inet_aton(src) + socket.inet_aton(dst)
+            + struct.pack("!HH", sport, dport))
+    return V2SIG + b"\x21\x11" + struct.pack("!H", len(body)) + body
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_send_proxy_to_nginx(activate, nginx, version):
+    """nginx `listen ... proxy_protocol` logs the real client (127.0.0.2
+    here), not alpnd's own address."""
+    n = nginx(proxy_protocol=True)
+    a = activate(["--fallback", n.addr, "--acme", "127.0.0.1:9",
+                  "--send-proxy", version])
+    r = subprocess.run(["curl", "-sS", "-k", "--max-time", "10",
+                        "--interface", "127.0.0.2", "--resolve",
+                        "localhost:%d:127.0.0.1" % a.port,
+                        "https://localhost:%d/" % a.port],
+                       capture_output=True, timeout=20)
+    assert r.stdout == b"hello from nginx\n", r.stderr
+    m = wait_log(n.access_log, r"^(\S+) HTTP/\S+ 200")
+    assert m.group(1) == "127.0.0.2"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_accept_proxy_passed_on(activate, nginx, version):
+    """A PROXY header from a load balancer in front: its client address is
+    logged by alpnd and reaches nginx through --send-proxy."""
+    n = nginx(proxy_protocol=True)
+    a = activate(["--fallback", n.addr, "--acme", "127.0.0.1:9",
+                  "--accept-proxy", "--send-proxy", version])
+    if version == "v1":
+        hdr = b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 443\r\n"
+    else:
+        hdr = v2_header("2001:db8::7", "2001:db8::1", 51234, 443)
+    # openssl s_client can't prepend a header: do the TLS handshake from
+    # Python over a socket that got the header first.
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", a.port), timeout=10)
+    raw.sendall(hdr)
+    t = ctx.wrap_socket(raw, server_hostname="localhost")
+    t.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    resp = recv_all(t)
+    t.close()
+    assert resp.endswith(b"hello from nginx\n")
+    want = "203.0.113.7" if version == "v1" else "2001:db8::7"
+    m = wait_log(n.access_log, r"^(\S+) HTTP/\S+ 200")
+    assert m.group(1) == want
+    line = a.wait_lines(1)[0]
+    assert line["client"] in ("203.0.113.7:51234", "[2001:db8::7]:51234")
+
+
+@pytest.mark.parametrize("version,expect", [
+    ("v1", lambda sp, dp: b"PROXY TCP4 127.0.0.2 127.0.0.1 %d %d\r\n"
+     % (sp, dp)),
+    ("v2", lambda sp, dp: v2_header("127.0.0.2", "127.0.0.1", sp, dp))])
+def test_send_proxy_exact_bytes(inetd, echo_backend, version, expect):
+    b = echo_backend("record")
+    i = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9",
+               "--send-proxy", version])
+    hello = client_hello()
+    s = socket.socket()
+    s.bind(("127.0.0.2", 0))
+    s.connect(("127.0.0.1", i.port))
+    sport = s.getsockname()[1]
+    s.sendall(hello)
+    s.shutdown(socket.SHUT_WR)
+    recv_all(s)
+    s.close()
+    wait_for(lambda: b.conns and b.conns[0].eof, 10, "backend EOF")
+    assert bytes(b.conns[0].data) == expect(sport, i.port) + hello
+
+
+def test_accept_proxy_v2_local_and_send_unknown(inetd, echo_backend,
+                                                tmp_path):
+    """v2 LOCAL (health check) keeps the real peer; a unix-socket client
+    has no address: v1 UNKNOWN / v2 LOCAL go out."""
+    b = echo_backend("record")
+    path = str(tmp_path / "front.sock")
+    i = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9",
+               "--accept-proxy", "--send-proxy", "v1"], unix_path=path)
+    hello = client_hello()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(v2_header(None, None, 0, 0, local=True) + hello)
+    s.shutdown(socket.SHUT_WR)
+    recv_all(s)
+    s.close()
+    wait_for(lambda: b.conns and b.conns[0].eof, 10, "backend EOF")
+    assert bytes(b.conns[0].data) == b"PROXY UNKNOWN\r\n" + hello
+    res = i.wait_results(1)[0]
+    assert res.rc == 0 and parse_logs(res.stderr)[0]["client"] == "unix"
+
+
+def test_bad_proxy_header_dropped(inetd, echo_backend):
+    b = echo_backend("record")
+    i = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9",
+               "--accept-proxy"])
+    got = exchange(i.port, b"PROXY TCP4 1.2.3.4 nonsense\r\n"
+                   + client_hello())
+    assert got == b""
+    res = i.wait_results(1)[0]
+    assert res.rc == 65, res
+    assert b.conns == []
+    got = exchange(i.port, client_hello())      # no header at all
+    assert i.wait_results(2)[1].rc == 65
+    assert b.conns == []
+
+
+# --- slow and broken clients, broken backends -----------------------------------
+
+@pytest.mark.parametrize("what", ["nothing", "half-hello", "half-proxy"])
+def test_slow_clients_closed_by_deadline(inetd, echo_backend, what):
+    b = echo_backend("echo")
+    args = ["--fallback", b.addr, "--acme", "127.0.0.1:9",
+            "--hello-timeout", "1"]
+    data = b""
+    if what == "half-hello":
+        data = client_hello()[:150]
+    elif what == "half-proxy":
+        args.append("--accept-proxy")
+        data = b"PROXY TCP4 203.0.113.7 19"
+    i = inetd(args)
+    s = socket.create_connection(("127.0.0.1", i.port))
+    t0 = time.monotonic()
+    s.sendall(data)
+    s.settimeout(10)
+    assert s.recv(100) == b""          # closed by alpnd, not by us
+    took = time.monotonic() - t0
+    s.close()
+    assert 0.9 <= took < 3, took
+    res = i.wait_results(1)[0]
+    assert res.rc == 75, res
+    assert "timeout" in res.stderr
+    assert b.conns == []
+
+
+def test_client_gives_up_mid_hello(inetd, echo_backend):
+    b = echo_backend("echo")
+    i = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9"])
+    assert exchange(i.port, client_hello()[:100]) == b""
+    res = i.wait_results(1)[0]
+    assert res.rc == 65 and "truncated" in res.stderr, res
+    assert exchange(i.port, b"") == b""
+    assert i.wait_results(2)[1].rc == 0
+    assert b.conns == []
+
+
+def test_backend_refusing(inetd):
+    port = free_port()          # nothing listens there
+    i = inetd(["--fallback", "127.0.0.1:%d" % port, "--acme",
+               "127.0.0.1:9"])
+    t0 = time.monotonic()
+    assert exchange(i.port, client_hello()) == b""
+    assert time.monotonic() - t0 < 2
+    res = i.wait_results(1)[0]
+    assert res.rc == 69 and "refused" in res.stderr, res
+
+
+def test_backend_black_hole(inetd):
+    """A backend whose accept queue is full drops our SYNs: the connect
+    must time out (here after --hello-timeout 1)."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        try:
+            f.connect(hole.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(f)
+    time.sleep(0.1)
+    try:
+        i = inetd(["--fallback", "127.0.0.1:%d" % hole.getsockname()[1],
+                   "--acme", "127.0.0.1:9", "--hello-timeout", "1"])
+        t0 = time.monotonic()
+        assert exchange(i.port, client_hello()) == b""
+        took = time.monotonic() - t0
+        res = i.wait_results(1)[0]
+        assert res.rc == 69 and "timed out" in res.stderr, res
+        assert 0.9 <= took < 4, took
+    finally:
+        for f in fillers:
+            f.close()
+        hole.close()
+
+
+def test_idle_timeout(inetd, echo_backend):
+    b = echo_backend("echo")
+    i = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9",
+               "--idle-timeout", "0.5"])
+    s = socket.create_connection(("127.0.0.1", i.port))
+    hello = client_hello()
+    s.sendall(hello)
+    s.settimeout(10)
+    t0 = time.monotonic()
+    got = recv_all(s)
+    assert got == hello
+    assert 0.4 < time.monotonic() - t0 < 3
+    res = i.wait_results(1)[0]
+    assert res.rc == 75 and "idle" in res.stderr
+
+
+# --- usage ---------------------------------------------------------------------
+
+def test_usage_errors(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    base = [ALPND, "--fallback", "127.0.0.1:8443", "--acme", "127.0.0.1:9"]
+    r = subprocess.run(base, stdin=open(str(f)), capture_output=True,
+                       timeout=5)
+    assert r.returncode == 64 and b"not a socket" in r.stderr
+    # A terminal-like stdin (a pty): an error, never a wait.
+    import pty
+    m, sl = pty.openpty()
+    r = subprocess.run(base, stdin=sl, capture_output=True, timeout=5)
+    os.close(m)
+    os.close(sl)
+    assert r.returncode == 64
+    for bad in (["--fallback", "nohostport"], ["--fallback", "1.2.3.4:0"],
+                ["--fallback", "::1:80"], ["--fallback", "[::1]:80"],
+                ["--fallback", "1.2.3.4:80", "--acme", "1:2", "--certs",
+                 "/x"], ["--fallback", "1.2.3.4:80", "--certs", "/x",
+                         "--send-proxy", "v3"],
+                ["--fallback", "1.2.3.4:80", "--certs", "/x",
+                 "--hello-timeout", "soon"]):
+        r = subprocess.run([ALPND] + bad, stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=5)
+        assert r.returncode == 64, (bad, r)
+    r = subprocess.run([ALPND, "--version"], capture_output=True, timeout=5)
+    assert r.returncode == 0 and r.stdout.startswith(b"alpnd ")
+    r = subprocess.run([ALPND, "--help"], capture_output=True, timeout=5)
+    assert r.returncode == 0 and b"--fallback" in r.stdout
+
+
+def test_quiet_and_verbose(inetd, echo_backend):
+    b = echo_backend("echo")
+    q = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9", "-q"])
+    exchange(q.port, client_hello())
+    assert q.wait_results(1)[0].stderr == ""
+    v = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9", "-v"])
+    exchange(v.port, b"not tls")
+    err = v.wait_results(1)[0].stderr
+    assert "not a TLS ClientHello" in err and parse_logs(err)
+
+
+# --- listening-socket mode ------------------------------------------------------
+
+def test_listen_mode_serves_many_and_exits_idle(activate, echo_backend,
+                                                recorder):
+    b = echo_backend("echo")
+    a = activate(["--fallback", b.addr, "--certs", recorder.dir,
+                  "--respond", recorder.path, "--exit-idle", "1",
+                  "--hello-timeout", "5"], mode="listen")
+    # A client that sends nothing must not hold up the others.
+    idle = socket.create_connection(("127.0.0.1", a.port))
+    socks = []
+    for k in range(20):
+        s = socket.create_connection(("127.0.0.1", a.port))
+        s.sendall(client_hello("l%d.test" % k))
+        socks.append(s)
+    b.wait_conns(20)
+    for k, s in enumerate(socks):
+        s.sendall(b"%d" % k)
+        s.shutdown(socket.SHUT_WR)
+    for k, s in enumerate(socks):
+        assert recv_all(s).endswith(b"%d" % k)
+        s.close()
+    # ACME in listening mode: fork + exec, connection on fd 0.
+    s = socket.create_connection(("127.0.0.1", a.port))
+    s.sendall(client_hello("acme.test", ["acme-tls/1"]))
+    assert recv_all(s) == b"RESPONDER\n"
+    s.close()
+    info = recorder.info()
+    assert info["fd"] == 0 and info["head"] == client_hello(
+        "acme.test", ["acme-tls/1"])[:5].hex()
+    assert "LISTEN_FDS" not in info["env"]
+    idle.close()
+    lines = a.wait_lines(22)
+    assert len({x["pid"] for x in lines}) == 1, "one process served all"
+    # Then nothing: it exits on its own after --exit-idle.
+    t0 = time.monotonic()
+    rc = a.proc.wait(10)
+    assert rc == 0 and time.monotonic() - t0 < 5
+
+
+def test_listen_mode_concurrent_slow_hellos(activate, echo_backend):
+    """Several clients each dribbling their hello: served concurrently, so
+    the total time is about one client's, not the sum."""
+    b = echo_backend("echo")
+    a = activate(["--fallback", b.addr, "--acme", "127.0.0.1:9",
+                  "--exit-idle", "5"], mode="listen")
+    hello = client_hello("dribble.test")
+    socks = [socket.create_connection(("127.0.0.1", a.port))
+             for _ in range(10)]
+    for s in socks:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t0 = time.monotonic()
+    for k in range(0, len(hello), 64):
+        for s in socks:
+            s.send(hello[k:k + 64])
+        time.sleep(0.05)
+    for s in socks:
+        s.shutdown(socket.SHUT_WR)
+    for s in socks:
+        assert recv_all(s) == hello
+        s.close()
+    assert time.monotonic() - t0 < 3
+    lines = a.wait_lines(10)
+    assert all(x["sni"] == "dribble.test" for x in lines)
