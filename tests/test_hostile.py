@@ -826,7 +826,9 @@ def evaluate(c, build, ctx, run, fb, ab):
         if conn.fds is None and fb.behaviour == "record" and c.route == "fallback" \
                 and run.rc == EX_OK and build != "valgrind":
             f.append("no descriptor snapshot of the relay was taken")
-        if conn.fds and 0 in conn.fds:       # taken while the relay ran
+        if conn.fds and run.rc == EX_OK:
+            # taken when the client's EOF reached the backend: the relay
+            # is still running (the backend has not answered yet)
             # exactly: fd 0 (and 1) the client, 1 /dev/null, 2 our pipe, the
             # epoll fd, the backend socket, two splice pipes
             socks = {v for v in conn.fds.values() if v.startswith("socket:")}
