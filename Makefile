@@ -32,7 +32,7 @@ FUZZ_SECONDS	?= 60
 PROGS		= alpnd alpnd-respond
 # Installed into DOCDIR/examples; placeholders substituted like the units'.
 EXAMPLES	= default-alpnd dehydrated-hook haproxy-backend.cfg nginx-backend.conf \
-		  tcpserver-run xinetd.alpnd
+		  tcpserver-run uacme-hook xinetd.alpnd
 SUBST		= sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
 		  -e 's|@DOCDIR@|$(DOCDIR)|g'
 
@@ -133,3 +133,10 @@ clean:
 	rm -rf $(PROGS) build
 
 .PHONY: all asan check fuzz bench bench-parse demo deps install uninstall clean
+
+# valgrind memcheck over the main paths (relay, ACME exec, bad hello,
+# PROXY, deadline, listening mode): slow, so not part of `make check`.
+valgrind: all
+	@tests/deps build check
+	ALPND_VALGRIND=1 /usr/bin/python3 -m pytest -c tests/pytest.ini tests/test_hostile.py -k valgrind
+.PHONY: valgrind
