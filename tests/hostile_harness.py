@@ -417,7 +417,7 @@ class Client:
                 elif op == "fds":
                     self.run.fds = fd_table(self.run.pid)
                 elif op == "tls":
-                    tls_handshake(s, a[1], a[2], self.run)
+                    tls_handshake(s, a[1], a[2], self.run, *a[3:])
                     self.closed = True
                     return
                 elif op == "flight":

@@ -156,7 +156,7 @@ case("hello_pq_sized_2_segments",
                        ("shut",), ("read", 3)],
      payload=H.records(H.pad_hello_to(1250, alpn=(H.ACME,))), route="acme")
 case("hello_exactly_16384", H.records(H.pad_hello_to(16384, alpn=(H.ACME,))), route="acme")
-bad("hello_16385", H.records(H.pad_hello_to(16385, alpn=(H.ACME,))))
+bad("hello_16385", H.records(H.pad_hello_to(16385, alpn=(H.ACME,))), vg=True)
 bad("hello_wire_over_32k", H.records(H.pad_hello_to(6000, alpn=(H.ACME,)), size=1))
 case("no_extensions_tls12", hello(no_extensions=True, alpn=None), route="fallback")
 case("ech_outer_acme", acme_hello(extra=[H.ext(H.EXT_ECH, b"\x00" + os.urandom(40))]),
@@ -191,7 +191,7 @@ bad("ext_block_len_underrun", H.records(H.handshake(
     H.client_hello_body(extensions=[H.ext(H.EXT_ALPN, H.alpn_data(H.ACME))], ext_len=3))))
 bad("ext_data_len_lies", H.records(H.handshake(H.client_hello_body(
     extra=[H.ext(H.EXT_ALPN, H.alpn_data(H.ACME), length=40)], alpn=None))))
-bad("dup_alpn", acme_hello(extra=[H.ext(H.EXT_ALPN, H.alpn_data(b"h2"))]))
+bad("dup_alpn", acme_hello(extra=[H.ext(H.EXT_ALPN, H.alpn_data(b"h2"))]), vg=True)
 bad("dup_alpn_contradictory", hello(alpn=[b"h2"], extra=[H.ext(H.EXT_ALPN, H.alpn_data(H.ACME))]))
 bad("dup_sni", acme_hello(extra=[H.ext(H.EXT_SNI, H.sni_data(b"other.test"))]))
 bad("dup_unknown_ext", acme_hello(extra=[H.ext(0x1234, b""), H.ext(0x1234, b"x")]))
@@ -206,7 +206,7 @@ bad("compression_empty", acme_hello(compression=b""))
 bad("body_truncated_in_random", H.records(H.handshake(b"\x03\x03" + b"\x00" * 10)))
 
 # === SNI at the router: validated by the parser, a bad one is dropped ============
-bad_sni("sni_nul", b"exa\x00mple.test")
+bad_sni("sni_nul", b"exa\x00mple.test", vg=True)
 bad_sni("sni_slash_traversal", b"../../etc/passwd")
 bad_sni("sni_slash", b"a/b.test")
 bad_sni("sni_dotdot", b"example..test")
@@ -243,7 +243,7 @@ case("binary_garbage_64k", b"\x42" + os.urandom(65535), route="fallback")
 T = ("-t", str(HT))
 DL = dict(rc=RC_TIMEOUT, route=None, args=T, tmin=HT - 0.05, tmax=HT + 1.5,
           log=(r"timeout waiting for the (ClientHello|PROXY header)",))
-case("silent_client", script=[("sleep", HT + 3)], **DL)
+case("silent_client", script=[("sleep", HT + 3)], **dict(DL, vg=True))
 case("stall_after_1_byte", script=[("send", b"\x16"), ("sleep", HT + 3)], **DL)
 case("stall_in_record_header", script=[("send", acme_hello()[:3]), ("sleep", HT + 3)], **DL)
 case("stall_in_hello_body", script=[("send", acme_hello()[:100]), ("sleep", HT + 3)], **DL)
@@ -297,7 +297,7 @@ proxied("proxy_v2_unix", H.proxy_v2(fam=H.V2_UNIX))
 proxied("proxy_v2_tlvs", H.proxy_v2(tlvs=[(0x01, b"h2"), (0x02, b"example.test"), (0xee, b"")]),
         log=(r"192\.0\.2\.1",))
 proxied("proxy_v2_4080_bytes", H.proxy_v2(tlvs=[(0xee, b"t" * (4096 - 16 - 12 - 3))]))
-proxy_bad("proxy_v2_len_ffff", H.proxy_v2(length=0xffff)[:16])
+proxy_bad("proxy_v2_len_ffff", H.proxy_v2(length=0xffff)[:16], vg=True)
 proxy_bad("proxy_v2_len_4081", H.proxy_v2(tlvs=[(0xee, b"t" * (4097 - 16 - 12 - 3))]))
 proxy_bad("proxy_v2_short_for_family", H.proxy_v2(addr=b"\xc0\x00\x02\x01"))
 proxy_bad("proxy_v2_version_1", H.proxy_v2(version=1))
@@ -414,10 +414,11 @@ def rejected(name, payload, why, **kw):
     return case(name, payload, log=(why,), **kw)
 
 
-rejected("certs_unknown_name", acme_hello(sni=b"nosuch.test"), r"unrecognized_name")
+rejected("certs_unknown_name", acme_hello(sni=b"nosuch.test"), r"unrecognized_name", vg=True)
 rejected("certs_ip_literal_sni", acme_hello(sni=b"127.0.0.1"), r"unrecognized_name")
 rejected("certs_253_byte_name", acme_hello(sni=LONG253.encode()), r"unrecognized_name")
-rejected("certs_not_a_challenge_cert", acme_hello(sni=b"plain.test"), r"unrecognized_name")
+rejected("certs_not_a_challenge_cert", acme_hello(sni=b"plain.test"), r"unrecognized_name",
+         vg=True)
 rejected("certs_acmeid_not_critical", acme_hello(sni=b"noncrit.test"), r"unrecognized_name")
 rejected("certs_san_mismatch", acme_hello(sni=b"wrongsan.test"), r"unrecognized_name")
 rejected("certs_no_sni", acme_hello(sni=None), r"unrecognized_name")
@@ -442,7 +443,7 @@ def r_rejected(name, payload, why, **kw):
     return rejected(name, payload, why, **dict(_rr, **kw))
 
 
-r_rejected("respond_sni_nul", acme_hello(sni=b"example\x00.test"), r"NUL")
+r_rejected("respond_sni_nul", acme_hello(sni=b"example\x00.test"), r"NUL", vg=True)
 r_rejected("respond_sni_traversal", acme_hello(sni=b"../../../etc/passwd"), r"unrecognized_name")
 r_rejected("respond_sni_slash", acme_hello(sni=b"example.test/x"), r"unrecognized_name")
 r_rejected("respond_sni_dotdot", acme_hello(sni=b"example..test"), r"unrecognized_name")
@@ -629,7 +630,7 @@ limits_case("fork_fails_listening_mode",
             tmax=4.0, listen=True)
 
 
-def run_listening(argv, env, run, ctx, preexec, nconn=2, payload=None, hook=None):
+def run_listening(argv, env, run, ctx, preexec, nconn=2, payload=None, hook=None, factor=1.0):
     """Listening-socket mode: fd 0 is a listening socket; connect nconn
     clients one after the other; alpnd must exit by itself (--exit-idle)."""
     ls = socket.socket()
@@ -652,7 +653,7 @@ def run_listening(argv, env, run, ctx, preexec, nconn=2, payload=None, hook=None
             except (BrokenPipeError, ConnectionResetError, OSError) as e:
                 if e.errno not in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
                     raise               # else: the server closed it already
-            got, how = drain(s, 4)
+            got, how = drain(s, 4 * factor)
             s.close()
             run.client_got += got
             if how == "timeout":
@@ -660,7 +661,7 @@ def run_listening(argv, env, run, ctx, preexec, nconn=2, payload=None, hook=None
         except OSError as e:
             f.append("connection %d: %s" % (i, e))
     try:
-        _, err = p.communicate(timeout=6 * ctx.factor("normal"))
+        _, err = p.communicate(timeout=6 * factor)
     except subprocess.TimeoutExpired:
         p.kill()
         _, err = p.communicate()
@@ -679,7 +680,8 @@ def listen_ok(build, ctx):
     run = Run()
     be = ctx.fb_backend
     n0 = len(be.conns)
-    run, f = run_listening(argv, ctx.env(build, run), run, ctx, None, nconn=3)
+    run, f = run_listening(argv, ctx.env(build, run), run, ctx, None, nconn=3,
+                           factor=ctx.factor(build))
     if run.rc != EX_OK:
         f.append("exit %r, expected 0" % run.rc)
     mine = be.conns[n0:]
@@ -690,7 +692,7 @@ def listen_ok(build, ctx):
     return run, f
 
 
-case("listening_mode_serves_and_exits", custom=listen_ok)
+case("listening_mode_serves_and_exits", custom=listen_ok, vg=True)
 
 
 # === the runner ================================================================
@@ -831,9 +833,10 @@ def evaluate(c, build, ctx, run, fb, ab):
             # is still running (the backend has not answered yet)
             # exactly: fd 0 (and 1) the client, 1 /dev/null, 2 our pipe, the
             # epoll fd, the backend socket, two splice pipes
-            socks = {v for v in conn.fds.values() if v.startswith("socket:")}
-            pipes = [k for k, v in conn.fds.items() if v.startswith("pipe:") and k != 2]
-            if len(socks) != 2 or len(pipes) != 4 or len(conn.fds) != 9:
+            fds = {k: v for k, v in conn.fds.items() if k < 1000}     # valgrind's own
+            socks = {v for v in fds.values() if v.startswith("socket:")}
+            pipes = [k for k, v in fds.items() if v.startswith("pipe:") and k != 2]
+            if len(socks) != 2 or len(pipes) != 4 or len(fds) != 9:
                 f.append("relay descriptor table: %r" % conn.fds)
     for be in (fb, ab):
         for cn in (be.conns if be else []):
@@ -927,13 +930,14 @@ def run_one(c, build, ctx):
     ab = Backend(run=run, **abkw) if c.mode == "acme" else None
     try:
         if c.mode == "respond":
-            argv = wrap + [str(respond), "--certs", ctx.certs] + list(c.args or ("-t", "2"))
+            argv = wrap + [str(respond), "--certs", ctx.certs] + list(
+                c.args or ("-t", "30" if build == "valgrind" else "2"))
         else:
             argv = wrap + [str(alpnd), "--fallback", fb.addr, "--respond", str(respond)]
             argv += ["--acme", ab.addr] if c.mode == "acme" else ["--certs", ctx.certs]
             argv += list(c.args)
             if "-t" not in c.args:
-                argv += ["-t", "3"]
+                argv += ["-t", "30" if build == "valgrind" else "3"]
         script = c.script
         if callable(script):
             class S:
@@ -941,6 +945,10 @@ def run_one(c, build, ctx):
             s = S()
             s.p, s.big, s.big4, s.fb = c.payload, ctx.big, ctx.big4, fb
             script = script(s)
+        if build == "valgrind":             # everything is ~20x slower
+            script = [op + (30.0,) if op[0] == "tls" else
+                      ("flight", 30.0) if op[0] == "flight" else
+                      ("read", 30.0) if op[0] == "read" else op for op in script]
         env = ctx.env(build, run)
         run_connection(argv, script, run, env, family=c.family,
                        wait_max=c.tmax * ctx.factor(build) + 3, stdout_socket=c.stdout_socket)
