@@ -32,6 +32,7 @@
 #include <getopt.h>
 #include <math.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -637,13 +638,36 @@ fill_names(struct conn *c)
 	}
 }
 
+/* Our environment without LISTEN_*, for responders in listening mode. */
+static char **
+child_env(void)
+{
+	static char **env;
+	size_t n = 0, i;
+
+	if (env)
+		return env;
+	while (environ[n])
+		n++;
+	if ((env = calloc(n + 1, sizeof(*env))) == NULL)
+		return environ;
+	for (i = n = 0; environ[i]; i++)
+		if (strncmp(environ[i], "LISTEN_", 7) != 0)
+			env[n++] = environ[i];
+	return env;
+}
+
 static void
 respond(struct conn *c, int64_t now)
 {
 	static char opt_certs[] = "--certs", opt_timeout[] = "--hello-timeout";
 	char secs[32], *argv[6];
 	int64_t left = c->q == &q_hello ? c->deadline - now : hello_timeout;
+	posix_spawn_file_actions_t fa;
+	posix_spawnattr_t attr;
+	sigset_t set;
 	pid_t pid;
+	int e;
 
 	snprintf(secs, sizeof(secs), "%lld",
 	    (long long)(left <= 0 ? 1 : (left + SEC - 1) / SEC));
@@ -670,36 +694,42 @@ respond(struct conn *c, int64_t now)
 		return;
 	}
 
-	switch ((pid = fork())) {
-	case -1:
-		finish(c, EX_OSERR, "fork: %s", strerror(errno));
+	/*
+	 * Listening mode: a child gets the connection as fd 0, blocking,
+	 * without LISTEN_* (that was our listening socket), default signals.
+	 * posix_spawn(3) keeps us suspended until the exec, so no descriptor
+	 * of another connection lingers in a half-made child.  The epoll
+	 * registration goes first: it lives as long as the child's copy.
+	 */
+	(void)epoll_ctl(ep, EPOLL_CTL_DEL, c->cfd, NULL);
+	c->registered = 0;
+	(void)fcntl(c->cfd, F_SETFL, O_RDWR);
+	if ((e = posix_spawn_file_actions_init(&fa)) != 0 ||
+	    (e = posix_spawn_file_actions_adddup2(&fa, c->cfd,
+	    STDIN_FILENO)) != 0 ||
+	    (e = posix_spawnattr_init(&attr)) != 0) {
+		finish(c, EX_OSERR, "posix_spawn: %s", strerror(e));
 		return;
-	case 0: {
-		sigset_t set;
-
-		sigemptyset(&set);
-		sigprocmask(SIG_SETMASK, &set, NULL);
-		signal(SIGPIPE, SIG_DFL);
-		if (c->cfd != STDIN_FILENO) {
-			if (dup2(c->cfd, STDIN_FILENO) == -1)
-				_exit(EX_OSERR);
-		} else
-			(void)fcntl(STDIN_FILENO, F_SETFD, 0);
-		(void)fcntl(STDIN_FILENO, F_SETFL, O_RDWR);
-		unsetenv("LISTEN_FDS");
-		unsetenv("LISTEN_PID");
-		unsetenv("LISTEN_FDNAMES");
-		execve(respond_path, argv, environ);
-		logmsg(LOG_ERR, "exec %s: %s", respond_path, strerror(errno));
-		_exit(EX_UNAVAILABLE);
 	}
-	default:
-		nchild++;
-		/* The child has the connection now: hands off its bytes. */
-		close(c->cfd);
-		c->cfd = -1;
-		finish(c, EX_OK, "exec %s pid %ld", respond_path, (long)pid);
+	sigemptyset(&set);
+	(void)posix_spawnattr_setsigmask(&attr, &set);
+	sigaddset(&set, SIGPIPE);
+	(void)posix_spawnattr_setsigdefault(&attr, &set);
+	(void)posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK |
+	    POSIX_SPAWN_SETSIGDEF);
+	e = posix_spawn(&pid, respond_path, &fa, &attr, argv, child_env());
+	posix_spawn_file_actions_destroy(&fa);
+	posix_spawnattr_destroy(&attr);
+	if (e != 0) {
+		finish(c, EX_UNAVAILABLE, "exec %s: %s", respond_path,
+		    strerror(e));
+		return;
 	}
+	nchild++;
+	/* The child has the connection now: no draining its bytes. */
+	close(c->cfd);
+	c->cfd = -1;
+	finish(c, EX_OK, "exec %s pid %ld", respond_path, (long)pid);
 }
 
 static void
