@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sysexits.h>
+#include <syslog.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -669,6 +670,22 @@ log_conn(struct conn *c)
 		    "ALPND_EXIT=%d", c->rc,
 		    NULL);
 		return;
+	}
+	/*
+	 * Under inetd/xinetd fd 2 is the client's socket: never write the
+	 * log line there, send it to syslog (as alpnd does).
+	 */
+	if (fstat(STDERR_FILENO, &st) == 0 && S_ISSOCK(st.st_mode)) {
+		struct stat cs;
+
+		if (fstat(c->fd, &cs) == 0 && cs.st_dev == st.st_dev &&
+		    cs.st_ino == st.st_ino) {
+			openlog(PROG, LOG_PID, LOG_DAEMON);
+			syslog(c->rc == 0 ? LOG_INFO : LOG_NOTICE,
+			    "%s %s %s \"%s\" %.1fms", c->client, c->sni,
+			    c->result, c->why, ms);
+			return;
+		}
 	}
 	fprintf(stderr, "%s[%ld]: %s %s %s \"%s\" %.1fms\n", PROG,
 	    (long)getpid(), c->client, c->sni, c->result, c->why, ms);
