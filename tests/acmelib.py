@@ -23,9 +23,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESPOND = os.path.join(ROOT, "alpnd-respond")
+# ALPND_BUILD=asan runs everything against the sanitizer builds (as conftest)
+BUILD = os.path.join(ROOT, "build", "asan") \
+    if os.environ.get("ALPND_BUILD") == "asan" else ROOT
+RESPOND = os.path.join(BUILD, "alpnd-respond")
 RESPOND_ASAN = os.path.join(ROOT, "build", "asan", "alpnd-respond")
-ALPND = os.path.join(ROOT, "alpnd")
+ALPND = os.path.join(BUILD, "alpnd")
 UACME_HOOK = os.path.join(ROOT, "contrib", "uacme-hook")
 ACME_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 ACME_ALPN = "acme-tls/1"

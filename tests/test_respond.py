@@ -753,3 +753,80 @@ def test_router_socket_activated(certs, activate, mode):
         return r if {"ok", "unrecognized_name"} <= set(r) else None
     from conftest import wait_for
     wait_for(results, 10, "responder log lines")
+
+
+# ------------------------------------------------------------- journald
+
+JOURNAL_SCRIPT = r'''
+set -eu
+out=$1; shift
+# a private journald: nothing reaches the machine's journal
+for d in /run/systemd /run/log /var/log/journal; do
+	mkdir -p "$d"
+	mount -t tmpfs tmpfs "$d"
+done
+mkdir -p /run/systemd/journal
+/lib/systemd/systemd-journald & jp=$!
+i=0
+while [ ! -S /run/systemd/journal/stdout ] || [ ! -S /run/systemd/journal/socket ]; do
+	i=$((i + 1)); [ $i -lt 200 ] || exit 70
+	sleep 0.02
+done
+# stderr -> journal stream, JOURNAL_STREAM naming it, as systemd would do
+rc=0
+systemd-cat -t alpnd-respond-stderr sh -c \
+    'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$@"' sh "$@" || rc=$?
+journalctl --sync 2>/dev/null || true
+journalctl --no-pager -o json > "$out"
+kill $jp
+exit $rc
+'''
+
+
+@pytest.mark.skipif(not os.path.exists("/lib/systemd/systemd-journald"),
+                    reason="no systemd-journald")
+def test_journald_structured_fields(certs, tmp_path):
+    import json
+    assert make(certs, "v.example.org").returncode == 0
+    script = tmp_path / "journal.sh"
+    script.write_text(JOURNAL_SCRIPT)
+    outs = [str(tmp_path / "j1.json"), str(tmp_path / "j2.json")]
+
+    srv = A.Inetd(["/bin/true"])
+    try:
+        for i, sni in enumerate(("v.example.org", "w.example.org")):
+            srv.argv = ["unshare", "-m", "--propagation", "private", "sh",
+                        str(script), outs[i], A.RESPOND, "--certs", certs]
+            if i == 0:
+                A.py_tls(srv.port, sni)
+            else:
+                with pytest.raises(ssl.SSLError):
+                    A.py_tls(srv.port, sni)
+            ch = srv.wait(i + 1, timeout=20)[-1]
+            if ch.rc != 0 and "mount" in ch.stderr and i == 0:
+                pytest.skip("no mount namespace: " + ch.stderr)
+    finally:
+        srv.close()
+
+    def entries(path):
+        with open(path) as f:
+            return [json.loads(l) for l in f if l.strip()]
+    ok = [e for e in entries(outs[0]) if e.get("ALPND_RESULT")]
+    bad = [e for e in entries(outs[1]) if e.get("ALPND_RESULT")]
+    assert len(ok) == 1 and len(bad) == 1, (ok, bad)
+    ok, bad = ok[0], bad[0]
+    assert ok["SYSLOG_IDENTIFIER"] == "alpnd-respond"
+    assert ok["ALPND_SNI"] == "v.example.org"
+    assert ok["ALPND_RESULT"] == "ok" and ok["ALPND_EXIT"] == "0"
+    assert ok["ALPND_KEY"] == "ECDSA-SECP256R1"
+    assert float(ok["ALPND_DURATION_MS"]) > 0
+    assert ok["ALPND_CLIENT"].startswith("127.0.0.1:")
+    assert ok["PRIORITY"] == "6"
+    assert bad["ALPND_SNI"] == "w.example.org"
+    assert bad["ALPND_RESULT"] == "unrecognized_name"
+    assert "w.example.org.crt.pem: No such file" in bad["ALPND_REASON"]
+    assert bad["ALPND_EXIT"] == "65"
+    # and nothing went to the stderr stream instead
+    for path in outs:
+        assert not any(e.get("SYSLOG_IDENTIFIER") == "alpnd-respond-stderr"
+                       for e in entries(path))
