@@ -850,3 +850,138 @@ def make_challenge_with(respond, certs):
     run([respond, "--certs", certs, "--make", "a.example.test",
          "tok.thumb"])
     return (certs / "a.example.test.crt.pem").read_bytes()
+
+
+# ------------------------------------------- PROXY backends as shipped
+
+def https_get(port, source, host="127.0.0.1"):
+    """One HTTP/1.1 request over TLS from `source`; returns the body."""
+    with tls_client(host, port, "www.example.test", ["http/1.1"],
+                    source=(source, 0)) as t:
+        t.sendall(b"GET / HTTP/1.1\r\nHost: www.example.test\r\n"
+                  b"Connection: close\r\n\r\n")
+        data = b""
+        while True:
+            b = t.recv(4096)
+            if not b:
+                break
+            data += b
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 200 ", head), head
+    return body.decode()
+
+
+def alpnd_in_front(procs, tmp_path, backend_port):
+    """alpnd under systemd-socket-activate, as alpnd@.service runs it with
+    the shipped ALPND_OPTS (--send-proxy v2) aimed at backend_port."""
+    sbin = make_sbin(tmp_path)
+    certs = tmp_path / "certs"
+    make_challenge(certs)
+    opts = re.search(r'(?m)^ALPND_OPTS="([^"]*)"',
+                     (CONTRIB / "default-alpnd").read_text()).group(1)
+    assert "--send-proxy v2" in opts
+    opts = opts.replace("127.0.0.1:8443", "127.0.0.1:%d" % backend_port)
+    opts = opts.replace(DEFAULT_CERTS, str(certs))
+    port = free_port()
+    sa = procs.start(["systemd-socket-activate", "-l", port, "-a",
+                      "--inetd", "--", sbin / "alpnd"] + opts.split()
+                     + ["--respond", sbin / "alpnd-respond"],
+                     stderr=open(tmp_path / "alpnd.log", "w"))
+    wait_listen(port, proc=sa)
+    return port
+
+
+def test_nginx_backend_snippet(tmp_path, procs):
+    """contrib/nginx-backend.conf behind alpnd --send-proxy v2: nginx sees
+    the client's address, not alpnd's."""
+    crt, key = self_signed(tmp_path)
+    nport = free_port()
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("nginx behind alpnd\n")
+    snippet = (CONTRIB / "nginx-backend.conf").read_text()
+    for old, new in (("8443", str(nport)), ("/var/www/html", str(www)),
+                     ("/etc/ssl/example.org/fullchain.pem", str(crt)),
+                     ("/etc/ssl/example.org/privkey.pem", str(key))):
+        assert old in snippet, old
+        snippet = snippet.replace(old, new)
+    (tmp_path / "snippet.conf").write_text(snippet)
+    conf = tmp_path / "nginx.conf"
+    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp_path / d).mkdir()
+    conf.write_text("""
+user root;
+worker_processes 1;
+daemon off;
+pid %(t)s/nginx.pid;
+events { worker_connections 64; }
+http {
+    log_format who "$remote_addr $proxy_protocol_addr";
+    access_log %(t)s/access.log who;
+    client_body_temp_path %(t)s/body;
+    proxy_temp_path %(t)s/proxy;
+    fastcgi_temp_path %(t)s/fastcgi;
+    uwsgi_temp_path %(t)s/uwsgi;
+    scgi_temp_path %(t)s/scgi;
+    include %(t)s/snippet.conf;
+}
+""" % dict(t=tmp_path))
+    ngx = procs.start(["nginx", "-c", conf, "-p", tmp_path, "-e",
+                       tmp_path / "nginx-error.log"])
+    wait_listen(nport, proc=ngx)
+    port = alpnd_in_front(procs, tmp_path, nport)
+    assert https_get(port, "127.0.0.7") == "nginx behind alpnd\n"
+    assert https_get(port, "::1", "::1") == "nginx behind alpnd\n"
+    log = (tmp_path / "access.log").read_text().splitlines()
+    assert log == ["127.0.0.7 127.0.0.7", "::1 ::1"], log
+
+
+def test_haproxy_backend_snippet(tmp_path, procs):
+    """contrib/haproxy-backend.cfg behind alpnd --send-proxy v2: HAProxy
+    takes the header (accept-proxy) and forwards the client's address."""
+    import http.server
+    crt, key = self_signed(tmp_path)
+    certdir = tmp_path / "haproxy-certs"
+    certdir.mkdir()
+    (certdir / "site.pem").write_text(crt.read_text() + key.read_text())
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = ("app saw %s\n" % self.headers.get("X-Forwarded-For")) \
+                .encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=app.serve_forever, daemon=True).start()
+    try:
+        hport = free_port()
+        cfg = (CONTRIB / "haproxy-backend.cfg").read_text()
+        for old, new in (("8443", str(hport)),
+                         ("/etc/haproxy/certs/", str(certdir) + "/"),
+                         ("127.0.0.1:8080", "127.0.0.1:%d" %
+                          app.server_address[1])):
+            assert old in cfg, old
+            cfg = cfg.replace(old, new)
+        conf = tmp_path / "haproxy.cfg"
+        conf.write_text("global\n\tnbthread 1\n\ndefaults\n\ttimeout connect 5s\n"
+                        "\ttimeout client 30s\n\ttimeout server 30s\n\n" + cfg)
+        run(["haproxy", "-c", "-q", "-f", conf])
+        hp = procs.start(["haproxy", "-db", "-f", conf],
+                         stdout=subprocess.DEVNULL,
+                         stderr=open(tmp_path / "haproxy.log", "w"))
+        wait_listen(hport, proc=hp)
+        port = alpnd_in_front(procs, tmp_path, hport)
+        assert https_get(port, "127.0.0.9") == "app saw 127.0.0.9\n"
+        assert https_get(port, "::1", "::1") == "app saw ::1\n"
+        # and a connection without the header is refused by HAProxy
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            https_get(hport, "127.0.0.1")
+    finally:
+        app.shutdown()
+        app.server_close()
