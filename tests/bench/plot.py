@@ -1,0 +1,91 @@
+#!/usr/bin/python3
+"""tests/bench/plot.py RESULTS.json OUTDIR - draw bench.svg and bench.png.
+
+Four panels, every bar a target of the same run: connections/s as a ratio
+to direct at each concurrency, latency added at c=1, bulk throughput as a
+ratio to direct, and memory per held connection.  Whiskers span the rounds
+(min..max); dashed lines are the targets from DESIGN.md.
+"""
+
+import json
+import os
+import sys
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"limit": "#555555", "peer": "#8fa8c8", "ref": "#c8c8a0",
+          "alpnd": "#d9642b"}
+
+
+def bars(ax, names, S, keys, labels, title, ylabel, lines=()):
+    n = len(keys)
+    width = 0.8 / n
+    for i, (k, lab) in enumerate(zip(keys, labels)):
+        xs, ys, lo, hi, cols = [], [], [], [], []
+        for j, name in enumerate(names):
+            s = S[name]
+            v = s.get(k)
+            if v is None:
+                continue
+            xs.append(j + (i - (n - 1) / 2) * width)
+            ys.append(v)
+            mn, mx = s.get(k + "_min"), s.get(k + "_max")
+            lo.append(v - mn if mn is not None else 0)
+            hi.append(mx - v if mx is not None else 0)
+            cols.append(COLORS.get(s["group"], "#999999"))
+        alpha = 1.0 - 0.3 * i
+        ax.bar(xs, ys, width * 0.95, color=cols, alpha=alpha,
+               yerr=[lo, hi], capsize=2, ecolor="black", label=lab,
+               edgecolor="black", linewidth=0.3)
+        for x, y in zip(xs, ys):
+            ax.text(x, y, "%.2f" % y if abs(y) < 10 else "%.0f" % y,
+                    ha="center", va="bottom", fontsize=6, rotation=90)
+    for y, lab in lines:
+        ax.axhline(y, ls="--", lw=0.8, color="black")
+        ax.text(len(names) - 0.5, y, " " + lab, va="center", fontsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([S[n]["label"] for n in names], rotation=30, ha="right",
+                       fontsize=7)
+    if n > 1:
+        ax.legend(fontsize=7, loc="upper right")
+    ax.tick_params(axis="y", labelsize=7)
+
+
+def main():
+    res = json.load(open(sys.argv[1]))
+    out = sys.argv[2]
+    S = res["summary"]
+    cfg = res["config"]
+    names = [n for n in res["order"] if not S[n].get("broken")]
+    fig, axs = plt.subplots(2, 2, figsize=(15, 10))
+    cs = cfg["concs"]
+    bars(axs[0][0], names, S, ["rate_ratio_c%d" % c for c in cs],
+         ["c=%d" % c for c in cs],
+         "New TLS connections/s, ratio to direct", "x direct",
+         [(0.5, "0.50"), (0.9, "0.90")])
+    bars(axs[0][1], names, S, ["p50_added_us", "p99_added_us"], ["p50", "p99"],
+         "Latency added per connection at c=1", "microseconds over direct")
+    bars(axs[1][0], names, S, ["bulk_tls_ratio", "bulk_raw_ratio"],
+         ["HTTPS download", "raw TCP after ClientHello"],
+         "Bulk throughput (%d MiB), ratio to direct" % (cfg["bulk_bytes"] >> 20),
+         "x direct", [(0.95, "0.95")])
+    mem = [n for n in names if S[n].get("pss_kib_per_conn") is not None
+           and n != "direct"]
+    bars(axs[1][1], mem, S, ["pss_kib_per_conn", "memcg_kib_per_conn"],
+         ["PSS (user)", "memcg (user + kernel)"],
+         "Memory per held connection (%d idle)" % cfg["hold"], "KiB",
+         [(128, "128 KiB")])
+    fig.suptitle("alpnd make bench - %s - %d round(s), %s" % (
+        res["meta"].get("cpus", ""), cfg["rounds"],
+        "quick" if cfg.get("quick") else "full"), fontsize=11)
+    fig.tight_layout()
+    for ext in ("svg", "png"):
+        fig.savefig(os.path.join(out, "bench." + ext), dpi=90)
+
+
+if __name__ == "__main__":
+    main()
