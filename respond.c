@@ -91,6 +91,7 @@ struct conn {
 };
 
 static volatile sig_atomic_t deadline_hit;
+static int stderr_is_conn;		/* inetd: fd 2 is the client */
 
 static void usage(void) __attribute__((noreturn));
 
@@ -114,8 +115,10 @@ on_alarm(int sig)
 
 	(void)sig;
 	deadline_hit = 1;
-	n = write(STDERR_FILENO, msg, sizeof(msg) - 1);
-	(void)n;
+	if (!stderr_is_conn) {
+		n = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+		(void)n;
+	}
 	_exit(EX_TEMPFAIL);
 }
 
@@ -675,17 +678,12 @@ log_conn(struct conn *c)
 	 * Under inetd/xinetd fd 2 is the client's socket: never write the
 	 * log line there, send it to syslog (as alpnd does).
 	 */
-	if (fstat(STDERR_FILENO, &st) == 0 && S_ISSOCK(st.st_mode)) {
-		struct stat cs;
-
-		if (fstat(c->fd, &cs) == 0 && cs.st_dev == st.st_dev &&
-		    cs.st_ino == st.st_ino) {
-			openlog(PROG, LOG_PID, LOG_DAEMON);
-			syslog(c->rc == 0 ? LOG_INFO : LOG_NOTICE,
-			    "%s %s %s \"%s\" %.1fms", c->client, c->sni,
-			    c->result, c->why, ms);
-			return;
-		}
+	if (stderr_is_conn) {
+		openlog(PROG, LOG_PID, LOG_DAEMON);
+		syslog(c->rc == 0 ? LOG_INFO : LOG_NOTICE,
+		    "%s %s %s \"%s\" %.1fms", c->client, c->sni,
+		    c->result, c->why, ms);
+		return;
 	}
 	fprintf(stderr, "%s[%ld]: %s %s %s \"%s\" %.1fms\n", PROG,
 	    (long)getpid(), c->client, c->sni, c->result, c->why, ms);
@@ -950,6 +948,13 @@ serve(int dirfd, int timeout)
 		return EX_USAGE;
 	c.fd = fd;
 	peer_name(fd, c.client, sizeof(c.client));
+	{
+		struct stat es, cs;
+
+		stderr_is_conn = fstat(STDERR_FILENO, &es) == 0 &&
+		    fstat(fd, &cs) == 0 && es.st_dev == cs.st_dev &&
+		    es.st_ino == cs.st_ino;
+	}
 
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = SIG_IGN;

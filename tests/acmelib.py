@@ -348,3 +348,93 @@ def run(argv, timeout=30, **kw):
     return subprocess.run(argv, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, timeout=timeout,
                           text=True, **kw)
+
+
+HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891"
+                           "c2a211167abb8c5e079e09e2c8a8339c")
+
+
+def raw_client_hello13(sni, random, key_share=None, cookie=None):
+    """A hand-built TLS 1.3 ClientHello (RFC 8446 4.1.2).  key_share=None
+    sends an empty client_shares list, which forces a HelloRetryRequest;
+    key_share=(group, public) answers it, echoing the cookie if any."""
+    def ext(t, body):
+        return struct.pack("!HH", t, len(body)) + body
+    entry = b"\x00" + struct.pack("!H", len(sni)) + sni
+    exts = ext(0, struct.pack("!H", len(entry)) + entry)
+    exts += ext(16, b"\x00\x0b\x0aacme-tls/1")
+    exts += ext(10, b"\x00\x02\x00\x1d")                # x25519 only
+    exts += ext(13, b"\x00\x04\x04\x03\x08\x04")
+    exts += ext(43, b"\x02\x03\x04")                    # TLS 1.3 only
+    exts += ext(45, b"\x01\x01")                        # psk_dhe_ke
+    shares = b""
+    if key_share:
+        g, pub = key_share
+        shares = struct.pack("!HH", g, len(pub)) + pub
+    exts += ext(51, struct.pack("!H", len(shares)) + shares)
+    if cookie is not None:
+        exts += ext(44, struct.pack("!H", len(cookie)) + cookie)
+    suites = b"\x13\x01\x13\x02"
+    body = (b"\x03\x03" + random + b"\x20" + random + struct.pack(
+        "!H", len(suites)) + suites + b"\x01\x00"
+        + struct.pack("!H", len(exts)) + exts)
+    hs = b"\x01" + struct.pack("!I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack("!H", len(hs)) + hs
+
+
+def read_record(s, timeout=10.0):
+    """One TLS record (type, body) from socket s, or (None, b'')."""
+    s.settimeout(timeout)
+    buf = b""
+    while len(buf) < 5:
+        chunk = s.recv(5 - len(buf))
+        if not chunk:
+            return (None, b"")
+        buf += chunk
+    n = struct.unpack("!H", buf[3:5])[0]
+    body = b""
+    while len(body) < n:
+        chunk = s.recv(n - len(body))
+        if not chunk:
+            return (None, body)
+        body += chunk
+    return (buf[0], body)
+
+
+def hrr_exchange(port, sni1, sni2, host="127.0.0.1"):
+    """ClientHello without a usable key share -> HelloRetryRequest -> a
+    second ClientHello with SNI sni2.  Returns the outcome of the second
+    one like raw_exchange: ('server_hello', None) or ('alert', N)."""
+    random = os.urandom(32)
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(raw_client_hello13(sni1, random))
+        typ, body = read_record(s)
+        if typ != 0x16 or body[0] != 0x02 or body[6:38] != HRR_RANDOM:
+            return ("no_hrr", (typ, body[:8]))
+        # find the cookie (44) and the selected group (51) in the HRR
+        off = 4 + 2 + 32
+        off += 1 + body[off]                    # legacy_session_id_echo
+        off += 3                                # cipher_suite, compression
+        end = off + 2 + struct.unpack("!H", body[off:off + 2])[0]
+        off += 2
+        cookie, group = None, 0x001d
+        while off + 4 <= end:
+            t, n = struct.unpack("!HH", body[off:off + 4])
+            data = body[off + 4:off + 4 + n]
+            if t == 44:
+                cookie = data[2:]
+            elif t == 51:
+                group = struct.unpack("!H", data[:2])[0]
+            off += 4 + n
+        s.sendall(raw_client_hello13(sni2, random,
+                                     key_share=(group, os.urandom(32)),
+                                     cookie=cookie))
+        while True:
+            typ, body = read_record(s)
+            if typ == 0x14:                     # change_cipher_spec compat
+                continue
+            if typ == 0x16 and body[:1] == b"\x02":
+                return ("server_hello", None)
+            if typ == 0x15:
+                return ("alert", body[1] if len(body) > 1 else None)
+            return ("other", typ)

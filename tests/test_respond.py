@@ -830,3 +830,63 @@ def test_journald_structured_fields(certs, tmp_path):
     for path in outs:
         assert not any(e.get("SYSLOG_IDENTIFIER") == "alpnd-respond-stderr"
                        for e in entries(path))
+
+
+def test_hello_retry_request_keeps_the_name(certs, responder):
+    """TLS 1.3 HelloRetryRequest: the second ClientHello passes the same
+    checks and may not switch to another name."""
+    assert make(certs, "v.example.org").returncode == 0
+    assert make(certs, "w.example.org").returncode == 0
+    srv = responder()
+    assert A.hrr_exchange(srv.port, b"v.example.org", b"V.example.org.") \
+        == ("server_hello", None)
+    assert A.hrr_exchange(srv.port, b"v.example.org", b"w.example.org") \
+        == ("alert", A.ALERT_UNRECOGNIZED_NAME)
+    kids = srv.wait(2)
+    log = [k for k in kids if k.log()["result"] == "unrecognized_name"]
+    assert len(log) == 1 and "SNI changed" in log[0].log()["reason"]
+    assert A.hrr_exchange(srv.port, b"v.example.org", b"../w.example.org") \
+        == ("alert", A.ALERT_UNRECOGNIZED_NAME)
+
+
+# ------------------------------------------------------ contrib/uacme-hook
+
+def test_uacme_hook(certs, tmp_path):
+    b64 = base64.urlsafe_b64encode(DIGEST).rstrip(b"=").decode()
+    calls = tmp_path / "calls"
+    fake = tmp_path / "systemctl"
+    fake.write_text('#!/bin/sh\necho "$@" >> %s\n' % calls)
+    fake.chmod(0o755)
+    env = dict(os.environ, ALPND_CERTS=certs, ALPND_RESPOND=A.RESPOND)
+
+    def hook(*args, **extra):
+        return A.run([A.UACME_HOOK] + list(args), env=dict(env, **extra))
+
+    # other challenge types are declined, so uacme tries the next one
+    for t in ("http-01", "dns-01"):
+        assert hook("begin", t, "v.example.org", "tok", b64).returncode == 1
+    assert os.listdir(certs) == []
+    assert hook("begin", "tls-alpn-01", "v.example.org").returncode == 85
+    # begin -> a pair alpnd-respond would serve; done -> gone
+    r = hook("begin", "tls-alpn-01", "v.example.org", "tok", b64)
+    assert r.returncode == 0, r.stderr
+    c = check(certs, "v.example.org")
+    assert c.returncode == 0 and DIGEST.hex() in c.stdout
+    assert hook("done", "tls-alpn-01", "v.example.org", "tok",
+                b64).returncode == 0
+    assert os.listdir(certs) == []
+    # a hostile identifier is refused, nothing written
+    assert hook("begin", "tls-alpn-01", "../x", "tok", b64).returncode == 65
+    assert hook("begin", "tls-alpn-01", "-v.example.org", "tok",
+                b64).returncode == 65
+    assert os.listdir(certs) == []
+    # the renewal window: the redirect unit runs only around a challenge
+    u = dict(ALPND_REDIRECT_UNIT="alpnd-redirect.socket", SYSTEMCTL=str(fake))
+    assert hook("begin", "tls-alpn-01", "192.0.2.1", "tok", b64,
+                **u).returncode == 0
+    assert check(certs, "192.0.2.1").returncode == 0
+    assert hook("failed", "tls-alpn-01", "192.0.2.1", "tok", b64,
+                **u).returncode == 0
+    assert calls.read_text().split("\n")[:2] == \
+        ["start alpnd-redirect.socket", "stop alpnd-redirect.socket"]
+    assert os.listdir(certs) == []
