@@ -74,6 +74,7 @@ struct pair {
 struct conn {
 	int		 fd;
 	int		 dirfd;
+	int		 dir_errno;		/* why dirfd is -1 */
 	gnutls_certificate_credentials_t cred;
 	struct timespec	 start;
 	char		 client[INET6_ADDRSTRLEN + 16];
@@ -90,7 +91,6 @@ struct conn {
 	char		 keydesc[64];
 };
 
-static volatile sig_atomic_t deadline_hit;
 static int stderr_is_conn;		/* inetd: fd 2 is the client */
 
 static void usage(void) __attribute__((noreturn));
@@ -114,7 +114,6 @@ on_alarm(int sig)
 	ssize_t n;
 
 	(void)sig;
-	deadline_hit = 1;
 	if (!stderr_is_conn) {
 		n = write(STDERR_FILENO, msg, sizeof(msg) - 1);
 		(void)n;
@@ -836,6 +835,11 @@ client_hello_hook(gnutls_session_t session, unsigned htype, unsigned when,
 		}
 		goto done;
 	}
+	if (c->dirfd == -1) {
+		snprintf(c->why, sizeof(c->why), "certs directory: %s",
+		    strerror(c->dir_errno));
+		return GNUTLS_E_UNRECOGNIZED_NAME;
+	}
 	if (load_pair(c->dirfd, &id, &p, c->why, sizeof(c->why)) == -1)
 		return GNUTLS_E_UNRECOGNIZED_NAME;
 	snprintf(c->keydesc, sizeof(c->keydesc), "%s", p.keydesc);
@@ -927,7 +931,7 @@ connection_fd(void)
 }
 
 static int
-serve(int dirfd, int timeout)
+serve(int dirfd, int dir_errno, int timeout)
 {
 	static const gnutls_datum_t acme = {
 		(unsigned char *)(uintptr_t)ALPN_ACME, sizeof(ALPN_ACME) - 1
@@ -942,6 +946,7 @@ serve(int dirfd, int timeout)
 	clock_gettime(CLOCK_MONOTONIC, &c.start);
 	snprintf(c.sni, sizeof(c.sni), "-");
 	c.dirfd = dirfd;
+	c.dir_errno = dir_errno;
 	c.alert = -1;
 	c.rc = EX_SOFTWARE;
 	if ((fd = connection_fd()) == -1)
@@ -995,7 +1000,7 @@ serve(int dirfd, int timeout)
 			if (c.alert >= 0)
 				gnutls_alert_send(session, GNUTLS_AL_FATAL,
 				    (gnutls_alert_description_t)c.alert);
-			c.rc = EX_DATAERR;
+			c.rc = c.dirfd == -1 ? EX_UNAVAILABLE : EX_DATAERR;
 		} else if (ret == GNUTLS_E_TIMEDOUT) {
 			c.result = "timeout";
 			snprintf(c.why, sizeof(c.why), "no complete handshake "
@@ -1411,6 +1416,12 @@ main(int argc, char *argv[])
 		usage();
 
 	if ((dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) == -1) {
+		/*
+		 * Serving, still answer (unrecognized_name) and log it where
+		 * connection lines go: stderr may be the client (inetd).
+		 */
+		if (mode == 0)
+			return serve(-1, errno, (int)timeout);
 		fprintf(stderr, "%s: %s: %s\n", PROG, dir, strerror(errno));
 		return EX_UNAVAILABLE;
 	}
@@ -1425,7 +1436,7 @@ main(int argc, char *argv[])
 		rc = check(dirfd, argv[0]);
 		break;
 	default:
-		rc = serve(dirfd, (int)timeout);
+		rc = serve(dirfd, 0, (int)timeout);
 		break;
 	}
 	close(dirfd);

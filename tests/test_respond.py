@@ -890,3 +890,15 @@ def test_uacme_hook(certs, tmp_path):
     assert calls.read_text().split("\n")[:2] == \
         ["start alpnd-redirect.socket", "stop alpnd-redirect.socket"]
     assert os.listdir(certs) == []
+
+
+def test_missing_certs_directory_still_answers(tmp_path):
+    srv = A.Inetd([A.RESPOND, "--certs", str(tmp_path / "gone")])
+    try:
+        with pytest.raises(ssl.SSLError, match="(?i)unrecognized.name"):
+            A.py_tls(srv.port, "v.example.org")
+        ch = srv.last()
+    finally:
+        srv.close()
+    assert ch.rc == 69
+    assert ch.log()["reason"] == "certs directory: No such file or directory"
