@@ -615,6 +615,25 @@ http {
     return conf
 
 
+def start_nginx(net, ns, procs, conf, tmp):
+    ngx = procs.start(net.cmd(ns, ["nginx", "-c", conf, "-p", tmp,
+                                   "-e", tmp / "nginx-error.log"]))
+    wait_listen(443, ns, ngx)
+    return ngx
+
+
+def redirect_service_argv(sbin, certs):
+    """alpnd-redirect@.service's ExecStart= with its default options, the
+    certificate directory and the responder's path substituted."""
+    svc = UNITS / "alpnd-redirect@.service"
+    words = expand_exec(subst(unit_values(svc, "ExecStart")[0], sbin),
+                        unit_env(svc))
+    assert words[0] == str(sbin / "alpnd")
+    assert DEFAULT_CERTS in words
+    words = [str(certs) if w == DEFAULT_CERTS else w for w in words]
+    return words + ["--respond", str(sbin / "alpnd-respond")]
+
+
 def test_renewal_window(tmp_path, netns, procs):
     """nginx keeps port 443 in the server namespace; the client namespace
     reaches it over a veth pair.  The socket unit's ExecStartPost= opens the
@@ -636,9 +655,7 @@ def test_renewal_window(tmp_path, netns, procs):
                 check=False)
         return r.stdout.strip() or r.stderr.strip()
 
-    ngx = procs.start(net.cmd(srv, ["nginx", "-c", conf, "-p", tmp_path,
-                                    "-e", tmp_path / "nginx-error.log"]))
-    wait_listen(443, srv, ngx)
+    start_nginx(net, srv, procs, conf, tmp_path)
 
     # Before: nginx answers, IPv4 and IPv6, and sees the client.
     assert ask("get") == "nginx 10.203.0.2"
@@ -661,13 +678,7 @@ def test_renewal_window(tmp_path, netns, procs):
 
     # The window opens: alpnd on the unit's side port, then ExecStartPost=.
     side = int(unit_values(REDIRECT_SOCKET, "ListenStream", "Socket")[0])
-    svc = UNITS / "alpnd-redirect@.service"
-    words = expand_exec(subst(unit_values(svc, "ExecStart")[0], sbin),
-                        unit_env(svc))
-    assert words[0] == str(sbin / "alpnd")
-    words = [str(certs) if w == DEFAULT_CERTS else w for w in words]
-    assert str(certs) in words
-    words += ["--respond", str(sbin / "alpnd-respond")]
+    words = redirect_service_argv(sbin, certs)
     log = open(tmp_path / "alpnd.log", "w")
     sa = procs.start(net.cmd(srv, ["systemd-socket-activate", "-l", side,
                                    "-a", "--inetd", "--"] + words),
@@ -985,3 +996,159 @@ def test_haproxy_backend_snippet(tmp_path, procs):
     finally:
         app.shutdown()
         app.server_close()
+
+
+# ------------------- a real renewal: dehydrated + its hook + pebble
+
+SYSTEMCTL = """#!/bin/sh
+# systemctl for alpnd-redirect.socket on a machine without systemd as PID 1:
+# does what systemd does for the unit (listen, ExecStartPost=; ExecStopPre=,
+# close, ExecStopPost=), with the unit's own command lines, in the server
+# network namespace.
+set -eu
+echo "$*" >> %(calls)s
+[ "$2" = alpnd-redirect.socket ] || exit 5
+ns() { ip netns exec %(ns)s "$@"; }
+case $1 in
+start)
+	if [ -s %(pid)s ] && kill -0 "$(cat %(pid)s)" 2>/dev/null; then exit 0; fi
+	# not through ns(): $! must be the listener itself (ip execs it)
+	ip netns exec %(ns)s systemd-socket-activate -l %(port)d -a --inetd \\
+	    -- %(argv)s </dev/null >>%(log)s 2>&1 &
+	echo $! > %(pid)s
+	i=0
+	until ns ss -Hltn 'sport = :%(port)d' | grep -q .; do
+		i=$((i + 1)); [ $i -lt 200 ] || exit 1; sleep 0.05
+	done
+%(startpost)s
+	;;
+stop)
+%(stoppre)s
+	if [ -s %(pid)s ]; then
+		pid=$(cat %(pid)s)
+		kill "$pid" 2>/dev/null || true
+		i=0
+		while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do
+			i=$((i + 1)); sleep 0.05
+		done
+		rm -f %(pid)s
+	fi
+%(stoppost)s
+	;;
+*)	exit 1 ;;
+esac
+"""
+
+
+def openssl_ca_and_leaf(d, ip):
+    """A throw-away CA and a certificate for pebble's API on `ip`."""
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+         "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj",
+         "/CN=alpnd deploy test CA", "-keyout", d / "ca.key", "-out",
+         d / "ca.pem", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+    run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt",
+         "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=pebble",
+         "-keyout", d / "key.pem", "-out", d / "api.csr"])
+    (d / "ext.cnf").write_text("subjectAltName=IP:%s\n"
+                               "extendedKeyUsage=serverAuth\n" % ip)
+    run(["openssl", "x509", "-req", "-in", d / "api.csr", "-CA",
+         d / "ca.pem", "-CAkey", d / "ca.key", "-CAcreateserial", "-days",
+         "2", "-extfile", d / "ext.cnf", "-out", d / "cert.pem"])
+
+
+def test_dehydrated_renewal_window(tmp_path, netns, procs):
+    """dehydrated renews through contrib/dehydrated-hook while nginx keeps
+    port 443: its startup_hook opens the window (alpnd-redirect.socket, as
+    systemd would run it), pebble in the client namespace validates
+    tls-alpn-01 over the veth pair through the nftables redirect, exit_hook
+    closes the window."""
+    for tool in ("pebble", "pebble-challtestsrv", "dehydrated"):
+        if shutil.which(tool) is None:
+            pytest.fail("%s is not installed (tests/deps check)" % tool)
+    net, srv, cli = netns, netns.srv, netns.cli
+    sbin = make_sbin(tmp_path)
+    certs = tmp_path / "alpn-certs"
+    certs.mkdir()
+    crt, key = self_signed(tmp_path)
+    conf = nginx_conf(tmp_path, crt, key, ["443 ssl", "[::]:443 ssl"],
+                      "nginx $remote_addr")
+    start_nginx(net, srv, procs, conf, tmp_path)
+
+    # pebble and its DNS in the client namespace: every name resolves to
+    # the server namespace, so validation goes through nftables and alpnd.
+    pdir = tmp_path / "pebble"
+    pdir.mkdir()
+    openssl_ca_and_leaf(pdir, "10.203.0.2")
+    (pdir / "config.json").write_text(
+        '{"pebble": {"listenAddress": "10.203.0.2:14000", '
+        '"managementListenAddress": "127.0.0.1:15000", '
+        '"certificate": "%s", "privateKey": "%s", "httpPort": 80, '
+        '"tlsPort": 443, "ocspResponderURL": "", '
+        '"externalAccountBindingRequired": false}}'
+        % (pdir / "cert.pem", pdir / "key.pem"))
+    dns = procs.start(net.cmd(cli, [
+        "pebble-challtestsrv", "-dns01", "127.0.0.1:8053", "-management",
+        "127.0.0.1:8055", "-http01", "", "-https01", "", "-tlsalpn01", "",
+        "-defaultIPv4", "10.203.0.1", "-defaultIPv6", "fd00:a1::1"]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listen(8053, cli, dns)
+    peb = procs.start(net.cmd(cli, [
+        "pebble", "-config", pdir / "config.json", "-dnsserver",
+        "127.0.0.1:8053"]),
+        env=dict(os.environ, PEBBLE_VA_NOSLEEP="1",
+                 PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0"),
+        stdout=open(pdir / "pebble.log", "w"), stderr=subprocess.STDOUT)
+    wait_listen(14000, cli, peb)
+
+    # systemctl for the hook, built from the unit files
+    side = int(unit_values(REDIRECT_SOCKET, "ListenStream", "Socket")[0])
+    q = lambda cmds: "\n".join("\tns " + shlex.join(c) for c in cmds) or ":"
+    st = tmp_path / "systemctl"
+    pidfile = tmp_path / "window.pid"
+    st.write_text(SYSTEMCTL % dict(
+        calls=tmp_path / "calls", ns=srv, pid=pidfile, port=side,
+        argv=shlex.join(redirect_service_argv(sbin, certs)),
+        log=tmp_path / "alpnd.log",
+        startpost=q(redirect_commands(sbin, "ExecStartPost")),
+        stoppre=q(redirect_commands(sbin, "ExecStopPre")),
+        stoppost=q(redirect_commands(sbin, "ExecStopPost"))))
+    st.chmod(0o755)
+
+    base = tmp_path / "dehydrated"
+    base.mkdir()
+    cfg = base / "config"
+    cfg.write_text(
+        'CA="https://10.203.0.2:14000/dir"\nCHALLENGETYPE="tls-alpn-01"\n'
+        'ALPNCERTDIR="%s"\nBASEDIR="%s"\nCURL_OPTS="--cacert %s"\n'
+        'KEYSIZE=2048\nHOOK="%s"\n'
+        % (certs, base, pdir / "ca.pem", CONTRIB / "dehydrated-hook"))
+    env = dict(os.environ, SYSTEMCTL=str(st))
+    try:
+        run(net.cmd(srv, ["dehydrated", "-f", cfg, "--register",
+                          "--accept-terms"]), timeout=60, env=env)
+        r = run(net.cmd(srv, ["dehydrated", "-f", cfg, "-c", "-d",
+                              CHALLENGE]), timeout=90, env=env, check=False)
+        calls = (tmp_path / "calls").read_text().split("\n")
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        if pidfile.exists():  # the window's listener, if the hook left it
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
+            except (ValueError, ProcessLookupError):
+                pass
+    # the hook opened the window once and closed it once
+    assert calls[:2] == ["start alpnd-redirect.socket",
+                         "stop alpnd-redirect.socket"], calls
+    chain = (base / "certs" / CHALLENGE / "fullchain.pem").read_text()
+    leaf = run(["openssl", "x509", "-noout", "-issuer", "-ext",
+                "subjectAltName"], input=chain).stdout
+    assert "Pebble" in leaf and "DNS:%s" % CHALLENGE in leaf, leaf
+    # alpnd answered the validations (pebble dials from the client side)
+    log = (tmp_path / "alpnd.log").read_text()
+    assert re.search(r"alpnd-respond\[\d+\]: \S+ %s ok " % re.escape(CHALLENGE),
+                     log), log
+    # nginx kept port 443; the window left nothing behind
+    assert net.sh(srv, "nft list ruleset").stdout.strip() == ""
+    assert not listening(side, srv)
+    assert sorted(os.listdir(certs)) == []
