@@ -354,24 +354,27 @@ HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891"
                            "c2a211167abb8c5e079e09e2c8a8339c")
 
 
-def raw_client_hello13(sni, random, key_share=None, cookie=None):
+def raw_client_hello13(sni, random, key_share=None, cookie=None,
+                       groups=(0x001d,), shares=None, record_max=None):
     """A hand-built TLS 1.3 ClientHello (RFC 8446 4.1.2).  key_share=None
     sends an empty client_shares list, which forces a HelloRetryRequest;
-    key_share=(group, public) answers it, echoing the cookie if any."""
+    key_share=(group, public) answers it, echoing the cookie if any.
+    shares: several (group, public); record_max: split the handshake
+    message over records of at most that many bytes."""
     def ext(t, body):
         return struct.pack("!HH", t, len(body)) + body
     entry = b"\x00" + struct.pack("!H", len(sni)) + sni
     exts = ext(0, struct.pack("!H", len(entry)) + entry)
     exts += ext(16, b"\x00\x0b\x0aacme-tls/1")
-    exts += ext(10, b"\x00\x02\x00\x1d")                # x25519 only
+    gl = b"".join(struct.pack("!H", g) for g in groups)
+    exts += ext(10, struct.pack("!H", len(gl)) + gl)
     exts += ext(13, b"\x00\x04\x04\x03\x08\x04")
     exts += ext(43, b"\x02\x03\x04")                    # TLS 1.3 only
     exts += ext(45, b"\x01\x01")                        # psk_dhe_ke
-    shares = b""
-    if key_share:
-        g, pub = key_share
-        shares = struct.pack("!HH", g, len(pub)) + pub
-    exts += ext(51, struct.pack("!H", len(shares)) + shares)
+    ks = b""
+    for g, pub in (shares or ([key_share] if key_share else [])):
+        ks += struct.pack("!HH", g, len(pub)) + pub
+    exts += ext(51, struct.pack("!H", len(ks)) + ks)
     if cookie is not None:
         exts += ext(44, struct.pack("!H", len(cookie)) + cookie)
     suites = b"\x13\x01\x13\x02"
@@ -379,7 +382,9 @@ def raw_client_hello13(sni, random, key_share=None, cookie=None):
         "!H", len(suites)) + suites + b"\x01\x00"
         + struct.pack("!H", len(exts)) + exts)
     hs = b"\x01" + struct.pack("!I", len(body))[1:] + body
-    return b"\x16\x03\x01" + struct.pack("!H", len(hs)) + hs
+    step = record_max or len(hs)
+    return b"".join(b"\x16\x03\x01" + struct.pack("!H", len(c)) + c
+                    for c in (hs[i:i + step] for i in range(0, len(hs), step)))
 
 
 def read_record(s, timeout=10.0):

@@ -902,3 +902,65 @@ def test_missing_certs_directory_still_answers(tmp_path):
         srv.close()
     assert ch.rc == 69
     assert ch.log()["reason"] == "certs directory: No such file or directory"
+
+
+# -------------------------------------------- real and validator-like hellos
+
+HELLOS = os.path.join(A.ROOT, "tests", "hellos")
+
+
+def captured_acme_hellos():
+    rows = []
+    try:
+        with open(os.path.join(HELLOS, "INDEX")) as f:
+            for line in f:
+                if line.startswith("#") or not line.strip():
+                    continue
+                fname, sni, alpn = line.split()[:3]
+                if sni != "-" and "acme-tls/1" in alpn.split(","):
+                    rows.append((fname, sni))
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+@pytest.mark.skipif(not captured_acme_hellos(), reason="no captured hellos")
+def test_captured_client_hellos(certs, responder):
+    """ClientHellos captured from real clients (tests/hellos: Go crypto/tls
+    as the validators use it, GnuTLS, OpenSSL incl. 2- and 3-record ones)
+    replayed byte for byte: each gets a ServerHello with its certificate."""
+    rows = captured_acme_hellos()
+    for _, sni in rows:
+        assert make(certs, sni).returncode == 0
+    srv = responder()
+    for i, (fname, sni) in enumerate(rows):
+        with open(os.path.join(HELLOS, fname), "rb") as f:
+            hello = f.read()
+        assert A.raw_exchange(srv.port, hello) == ("server_hello", None), \
+            fname
+        ch = srv.wait(i + 1)[-1]
+        assert ch.log()["sni"] == sni, ch.stderr
+    assert len(rows) >= 3
+
+
+def test_validator_like_post_quantum_hello(certs, responder):
+    """Like Let's Encrypt's validator today: X25519MLKEM768 (0x11ec, 1216
+    bytes) and X25519 key shares, > 1,200 bytes, here also split over three
+    records sent as separate TCP segments.  GnuTLS 3.7 does not know the
+    hybrid group and must pick X25519 - no HelloRetryRequest, no failure."""
+    assert make(certs, "v.example.org").returncode == 0
+    srv = responder()
+    hello = A.raw_client_hello13(
+        b"v.example.org", os.urandom(32), groups=(0x11ec, 0x001d),
+        shares=[(0x11ec, os.urandom(1216)), (0x001d, os.urandom(32))],
+        record_max=512)
+    assert len(hello) > 1200
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, len(hello), 450):
+            s.sendall(hello[i:i + 450])
+            time.sleep(0.02)            # separate segments, not a sync
+        typ, body = A.read_record(s)
+    assert typ == 0x16 and body[0] == 0x02, (typ, body[:8])
+    assert body[6:38] != A.HRR_RANDOM               # a real ServerHello
+    assert b"\x00\x33\x00\x24\x00\x1d\x00\x20" in body   # key_share X25519
