@@ -430,6 +430,92 @@ def test_unit_defaults_parse():
         assert "not a socket" in r.stderr, (svc, r.stderr)
 
 
+def syscall_set(group, seen=None):
+    """The system calls in a systemd syscall group, nested groups expanded."""
+    seen = set() if seen is None else seen
+    out = set()
+    r = run(["systemd-analyze", "syscall-filter", group])
+    for line in r.stdout.splitlines()[1:]:
+        w = line.strip()
+        if not w or w.startswith("#"):
+            continue
+        if w.startswith("@"):
+            if w not in seen:
+                seen.add(w)
+                out |= syscall_set(w, seen)
+        else:
+            out.add(w)
+    return out
+
+
+def unit_syscall_policy(unit):
+    """(allowed, denied) from a unit's SystemCallFilter= lines."""
+    allowed, denied = set(), set()
+    for v in unit_values(unit, "SystemCallFilter"):
+        deny = v.startswith("~")
+        for g in v.lstrip("~").split():
+            names = syscall_set(g) if g.startswith("@") else {g}
+            (denied if deny else allowed).update(names)
+    return allowed, denied
+
+
+def traced_syscalls(files):
+    names = set()
+    for f in files:
+        for line in pathlib.Path(f).read_text().splitlines():
+            m = re.match(r"(?:\d+ +)?([a-z0-9_]+)\(", line)
+            if m:
+                names.add(m.group(1))
+    return names
+
+
+def test_syscalls_within_unit_filter(tmp_path, procs, backend):
+    """alpnd and alpnd-respond, traced with strace on every route (relay,
+    ACME handshake, listening-socket mode), make no system call that the
+    units' SystemCallFilter= would refuse with EPERM."""
+    if shutil.which("strace") is None:
+        pytest.fail("strace is not installed (tests/deps check)")
+    certs = tmp_path / "certs"
+    der = make_challenge(certs)
+    common = ["--fallback", "127.0.0.1:%d" % backend.port, "--send-proxy",
+              "v2", "--certs", certs, "--respond", RESPOND]
+    # per connection (alpnd@.service)
+    port = free_port()
+    sa = procs.start(["systemd-socket-activate", "-l", "127.0.0.1:%d" % port,
+                      "-a", "--inetd", "--", "strace", "-f", "-q", "-ff",
+                      "-o", tmp_path / "conn", ALPND] + common,
+                     stderr=subprocess.DEVNULL)
+    wait_listen(port, proc=sa)
+    assert plain_request("127.0.0.1", port).startswith(b"backend: ")
+    assert acme_handshake("127.0.0.1", port)[1] == der
+    # listening-socket mode (alpnd-listen.service): one process, exits idle
+    lport = free_port()
+    # (--inetd: the listening socket as fd 0, since LISTEN_PID would name
+    # strace, not alpnd)
+    ls = procs.start(["systemd-socket-activate", "-l", "127.0.0.1:%d" % lport,
+                      "--inetd", "--", "strace", "-f", "-q", "-ff", "-o",
+                      tmp_path / "listen", ALPND, "--exit-idle", "1"] + common,
+                     stderr=subprocess.DEVNULL)
+    wait_listen(lport, proc=ls)
+    assert plain_request("127.0.0.1", lport).startswith(b"backend: ")
+    assert acme_handshake("127.0.0.1", lport)[1] == der
+    assert ls.wait(15) == 0  # --exit-idle
+    # each traced process has ended (strace -q still reports exits)
+    end = time.monotonic() + 15
+    while time.monotonic() < end and not all(
+            "+++ exited with" in f.read_text()
+            for f in tmp_path.glob("conn.*")):
+        time.sleep(0.05)
+    files = list(tmp_path.glob("conn.*")) + list(tmp_path.glob("listen.*"))
+    assert all("+++ exited with" in f.read_text() for f in files)
+    used = traced_syscalls(files)
+    assert {"splice", "execve"} <= used, used
+    for svc in SERVICES:
+        allowed, denied = unit_syscall_policy(UNITS / svc)
+        bad = sorted(n for n in used if n not in allowed or n in denied)
+        assert bad == [], (svc, bad)
+
+
 def test_man_pages_lint():
     r = run(["mandoc", "-Tlint", "alpnd.8", "alpnd-respond.8"], cwd=ROOT,
             check=False)
