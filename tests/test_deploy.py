@@ -510,10 +510,18 @@ def test_syscalls_within_unit_filter(tmp_path, procs, backend):
     assert all("+++ exited with" in f.read_text() for f in files)
     used = traced_syscalls(files)
     assert {"splice", "execve"} <= used, used
+    families = set()
+    for f in files:
+        families |= set(re.findall(r"\bsocket\((AF_[A-Z0-9]+)",
+                                   f.read_text()))
+    assert "AF_INET" in families, families
     for svc in SERVICES:
         allowed, denied = unit_syscall_policy(UNITS / svc)
         bad = sorted(n for n in used if n not in allowed or n in denied)
         assert bad == [], (svc, bad)
+        restrict = set(unit_values(UNITS / svc,
+                                   "RestrictAddressFamilies")[0].split())
+        assert families <= restrict, (svc, families)
 
 
 def test_man_pages_lint():
