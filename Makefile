@@ -38,9 +38,15 @@ SUBST		= sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
 
 all: $(PROGS)
 
-# The router runs once per connection: libc only, nothing else linked.
+# The router runs once per connection: libc only, nothing else linked, and
+# linked statically (static-pie keeps ASLR): no ld.so work at every start,
+# measured ~0.13 ms CPU less per connection than the dynamic binary.
+# glibc's linker warns about getaddrinfo (used only for hostname backends;
+# it needs the same glibc's NSS modules at run time).  ALPND_LINK= for a
+# dynamic build.
+ALPND_LINK	?= -static-pie
 alpnd: alpnd.c alpnparse.c alpnparse.h
-	$(CC) $(ALL_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ alpnd.c alpnparse.c
+	$(CC) $(ALL_CFLAGS) $(LDHARDEN) $(ALPND_LINK) $(LDFLAGS) -o $@ alpnd.c alpnparse.c
 
 alpnd-respond: respond.c alpnparse.c alpnparse.h
 	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ respond.c alpnparse.c $(TLS_LIBS)

@@ -52,7 +52,9 @@
 #define ALPND_RESPOND_PATH	"/usr/local/sbin/alpnd-respond"
 #endif
 
+#ifndef PIPE_SIZE
 #define PIPE_SIZE	(256 * 1024)	/* asked for with F_SETPIPE_SZ */
+#endif
 #define MAX_EVENTS	64
 #define ACCEPT_BATCH	64
 #define SEC		1000000LL	/* times are in microseconds */
@@ -91,6 +93,7 @@ struct queue;
 /* One direction of a relay: src -> pipe -> dst. */
 struct dir {
 	int		 p[2];		/* pipe: [0] read end, [1] write end */
+	size_t		 cap;		/* pipe capacity asked for */
 	size_t		 inpipe;	/* bytes sitting in the pipe */
 	uint64_t	 total;
 	int		 eof;		/* src said EOF */
@@ -146,7 +149,7 @@ static int		 sfd = -1;	/* signalfd for SIGCHLD */
 static int		 listening;
 static int		 use_syslog;
 static int		 sigpipe_ignored;
-static int		 pipe_size = PIPE_SIZE;
+static int		 grow_pipes = PIPE_SIZE > 65536;
 static size_t		 nconn, nchild;
 static struct queue	 q_hello, q_connect, q_relay;
 static struct conn	*dead;		/* freed after each event batch */
@@ -159,6 +162,7 @@ static pid_t		 mypid;
 /* Free pipes, kept in listening mode for the next connection. */
 struct spare {
 	int		 p[2];
+	size_t		 cap;
 };
 static struct spare	 spares[64];
 static size_t		 nspares;
@@ -519,13 +523,17 @@ log_conn(struct conn *c, int64_t now)
 }
 
 static void
-close_pipe(int p[2], int reuse)
+close_pipe(struct dir *d)
 {
+	int *p = d->p;
+
 	if (p[0] == -1)
 		return;
-	if (reuse && listening && nspares < sizeof(spares) / sizeof(spares[0])) {
+	if (d->inpipe == 0 && listening &&
+	    nspares < sizeof(spares) / sizeof(spares[0])) {
 		spares[nspares].p[0] = p[0];
 		spares[nspares].p[1] = p[1];
+		spares[nspares].cap = d->cap;
 		nspares++;
 	} else {
 		close(p[0]);
@@ -549,6 +557,16 @@ finish(struct conn *c, int code, const char *fmt, ...)
 	va_end(ap);
 	log_conn(c, now);
 	q_remove(c);
+	if (!listening) {
+		/* One connection: exit(2) closes everything at once. */
+		if (c->cfd != -1 && c->state != S_RELAY)
+			(void)recv(c->cfd, peekbuf, sizeof(peekbuf),
+			    MSG_DONTWAIT | MSG_TRUNC);
+		c->state = S_DEAD;
+		exit_code = code;
+		single_done = 1;
+		return;
+	}
 	if (c->bfd != -1)
 		close(c->bfd);
 	if (c->cfd != -1) {
@@ -562,16 +580,12 @@ finish(struct conn *c, int code, const char *fmt, ...)
 		close(c->cfd);
 	}
 	c->bfd = c->cfd = -1;
-	close_pipe(c->up.p, c->up.inpipe == 0);
-	close_pipe(c->dn.p, c->dn.inpipe == 0);
+	close_pipe(&c->up);
+	close_pipe(&c->dn);
 	c->state = S_DEAD;
 	c->next = dead;
 	dead = c;
 	nconn--;
-	if (!listening) {
-		exit_code = code;
-		single_done = 1;
-	}
 }
 
 static struct conn *
@@ -1061,20 +1075,31 @@ send_proxy_header(struct conn *c)
 }
 
 static int
-get_pipe(int p[2])
+get_pipe(struct dir *d)
 {
 	if (nspares > 0) {
 		nspares--;
-		p[0] = spares[nspares].p[0];
-		p[1] = spares[nspares].p[1];
+		d->p[0] = spares[nspares].p[0];
+		d->p[1] = spares[nspares].p[1];
+		d->cap = spares[nspares].cap;
 		return 0;
 	}
-	if (pipe2(p, O_NONBLOCK | O_CLOEXEC) == -1)
-		return -1;
-	if (pipe_size > 65536 &&
-	    fcntl(p[1], F_SETPIPE_SZ, pipe_size) == -1)
-		pipe_size = 65536;	/* over the limit: stop asking */
-	return 0;
+	d->cap = 65536;		/* the default: 16 pages */
+	return pipe2(d->p, O_NONBLOCK | O_CLOEXEC);
+}
+
+/*
+ * A relay moving bulk data gets a larger pipe (fewer splice calls per
+ * byte); short exchanges never pay for the extra fcntl(2).
+ */
+static void
+grow_pipe(struct dir *d)
+{
+	if (fcntl(d->p[1], F_SETPIPE_SZ, PIPE_SIZE) == -1) {
+		grow_pipes = 0;	/* over the limit: stop asking */
+		return;
+	}
+	d->cap = PIPE_SIZE;
 }
 
 static void
@@ -1087,7 +1112,7 @@ start_relay(struct conn *c)
 		signal(SIGPIPE, SIG_IGN);
 		sigpipe_ignored = 1;
 	}
-	if (get_pipe(c->up.p) == -1 || get_pipe(c->dn.p) == -1) {
+	if (get_pipe(&c->up) == -1 || get_pipe(&c->dn) == -1) {
 		finish(c, EX_OSERR, "pipe: %s", strerror(errno));
 		return;
 	}
@@ -1133,14 +1158,16 @@ pump(struct dir *d, int src, int dst, int *moved)
 
 	do {
 		progress = 0;
-		if (!d->eof && d->inpipe < (size_t)pipe_size) {
-			n = splice(src, NULL, d->p[1], NULL,
-			    (size_t)pipe_size - d->inpipe,
+		if (!d->eof && d->inpipe < d->cap) {
+			n = splice(src, NULL, d->p[1], NULL, d->cap - d->inpipe,
 			    SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
 			if (n > 0) {
 				d->inpipe += n;
 				d->total += n;
 				progress = 1;
+				if (d->inpipe >= d->cap / 2 && d->cap < PIPE_SIZE &&
+				    grow_pipes)
+					grow_pipe(d);
 			} else if (n == 0)
 				d->eof = 1;
 			else if (errno != EAGAIN && errno != EINTR)
