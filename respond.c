@@ -654,6 +654,9 @@ log_conn(struct conn *c)
 	unsigned long long dev, ino;
 	struct stat st;
 
+	if (c->result == NULL)
+		c->result = "error";
+
 	/* JOURNAL_STREAM=dev:ino names our stderr only if it still matches. */
 	if (js != NULL && sscanf(js, "%llu:%llu", &dev, &ino) == 2 &&
 	    fstat(STDERR_FILENO, &st) == 0 && (unsigned long long)st.st_dev ==
