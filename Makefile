@@ -107,6 +107,11 @@ bench:
 	@tests/bench/run
 
 install: all
+	@# alpnd execs the responder by the path compiled into it
+	@strings alpnd | grep -qxF '$(RESPOND_PATH)' || { \
+		echo "alpnd was built for another RESPOND_PATH than $(RESPOND_PATH):" \
+		    "run make clean, then make install with the same PREFIX/SBINDIR" >&2; \
+		exit 1; }
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(SYSTEMDUNITDIR) \
 	    $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(SYSCONFDIR)/default
 	install -m 0755 alpnd alpnd-respond $(DESTDIR)$(SBINDIR)/

@@ -901,6 +901,13 @@ def test_tcpserver(tmp_path, procs, backend):
 
 def test_make_install(tmp_path, procs, backend):
     dest = tmp_path / "dest"
+    # an alpnd built for another prefix would exec a responder that is
+    # not there: install refuses before copying anything
+    r = run(["make", "-s", "install", "DESTDIR=%s" % dest,
+             "PREFIX=/opt/alpnd-elsewhere"], cwd=ROOT, timeout=120,
+            check=False)
+    assert r.returncode != 0 and "RESPOND_PATH" in r.stderr, r.stderr
+    assert not dest.exists()
     r = run(["make", "-s", "install", "DESTDIR=%s" % dest], cwd=ROOT,
             timeout=120)
     dirs = run(["make", "-s", "--no-print-directory", "-f", "-", "show"],
