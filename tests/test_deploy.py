@@ -897,6 +897,39 @@ def test_tcpserver(tmp_path, procs, backend):
     assert "alpnd[" in logf.read_text()
 
 
+def test_listen_unit(tmp_path, procs, backend):
+    """alpnd-listen.service's own ExecStart= under systemd-socket-activate
+    without --accept (Accept=no): one process serves every connection,
+    relays and ACME, and exits 0 after ALPND_EXIT_IDLE quiet seconds."""
+    sbin = make_sbin(tmp_path)
+    certs = tmp_path / "certs"
+    der = make_challenge(certs)
+    svc = UNITS / "alpnd-listen.service"
+    env = unit_env(svc)
+    assert int(env["ALPND_EXIT_IDLE"]) > 0
+    # what /etc/default/alpnd would set
+    env["ALPND_EXIT_IDLE"] = "1"
+    env["ALPND_OPTS"] = "--fallback 127.0.0.1:%d --send-proxy v2 --certs " \
+        "%s --respond %s" % (backend.port, certs, sbin / "alpnd-respond")
+    words = expand_exec(subst(unit_values(svc, "ExecStart")[0], sbin), env)
+    port = free_port()
+    logf = tmp_path / "alpnd.log"
+    p = procs.start(["systemd-socket-activate", "-l", port, "--"] + words,
+                    stderr=open(logf, "w"))
+    wait_listen(port, proc=p)
+    for i in range(20):
+        src = "127.0.0.%d" % (10 + i)
+        assert plain_request("127.0.0.1", port, source=src) \
+            .startswith(b"backend: %s:" % src.encode())
+    alpn, got, end = acme_handshake("::1", port)
+    assert got == der and end == "close_notify", end
+    t0 = time.monotonic()
+    assert p.wait(15) == 0
+    assert time.monotonic() - t0 < 10
+    pids = set(re.findall(r"^alpnd\[(\d+)\]:", logf.read_text(), re.M))
+    assert pids == {str(p.pid)}, logf.read_text()
+
+
 # ------------------------------------------------------- make install
 
 def test_make_install(tmp_path, procs, backend):
