@@ -445,15 +445,26 @@ class Client:
         return how
 
 
-def spawn(argv, stdin, env, preexec=None, stdout=subprocess.DEVNULL):
-    return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+def spawn(argv, stdin, env, preexec=None, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE):
+    return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr,
                             env=env, close_fds=True, preexec_fn=preexec)
 
 
+def _close_stderr(then=None):
+    def pre():
+        os.close(2)
+        if then:
+            then()
+    return pre
+
+
 def run_connection(argv, script, run, env, preexec=None, family="tcp4",
-                   wait_max=10.0, stdout_socket=False):
-    """Connect a client, hand the accepted socket to argv as fd 0 (and fd 1
-    if stdout_socket), play the client script, wait for the process."""
+                   wait_max=10.0, stdio="pipe", presend=b""):
+    """Connect a client, hand the accepted socket to argv as fd 0, play the
+    client script, wait for the process.  stdio: "pipe" (stdout /dev/null,
+    stderr captured), "stdout" (fd 1 is the socket too), "socket" (fds 0,
+    1 and 2 are the socket: inetd without an error stream), "closed" (fd 2
+    closed, as some launchers leave it)."""
     host = "::1" if family == "tcp6" else "127.0.0.1"
     fam = socket.AF_INET6 if family == "tcp6" else socket.AF_INET
     ls = socket.socket(fam, socket.SOCK_STREAM)
@@ -463,12 +474,20 @@ def run_connection(argv, script, run, env, preexec=None, family="tcp4",
     cs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     ss, _ = ls.accept()
     ls.close()
+    if presend:             # already queued when the process starts
+        cs.sendall(presend)
+        run.client_sent += len(presend)
     t0 = time.monotonic()
-    p = spawn(argv, ss, env, preexec, stdout=ss if stdout_socket else subprocess.DEVNULL)
+    if stdio == "closed":
+        preexec = _close_stderr(preexec)
+    p = spawn(argv, ss, env, preexec,
+              stdout=ss if stdio in ("stdout", "socket") else subprocess.DEVNULL,
+              stderr=ss if stdio == "socket" else subprocess.PIPE)
     ss.close()
     run.pid = p.pid
     err = []
-    et = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
+    et = threading.Thread(target=lambda: err.append(p.stderr.read() if p.stderr else b""),
+                          daemon=True)
     et.start()
 
     def waiter():

@@ -89,7 +89,9 @@ class Case:
     check: object = None            # f(run, ctx) -> [failures]
     vg: bool = False                # part of the valgrind pass
     family: str = "tcp4"
-    stdout_socket: bool = False
+    stdio: str = "pipe"             # see run_connection
+    xfail: str = None               # a known bug, reported: strict xfail
+    presend: bytes = b""            # sent before the process starts
     custom: object = None           # f(build, ctx) -> (run, failures)
     alert: int = None               # expected TLS alert from the server
     served: str = None              # the certificate NAME must be served
@@ -390,7 +392,20 @@ case("relay_4mib_both_ways",
      fallback=dict(behaviour="echo"), route="fallback",
      up=lambda c: _h + c.big4, down=lambda c: _h + c.big4, tmax=5.0, vg=True)
 case("relay_ipv6_client", _h, route="fallback", family="tcp6", log=(r"::1",))
-case("inetd_stdout_is_socket", _h, route="fallback", stdout_socket=True)
+case("inetd_stdout_is_socket", _h, route="fallback", stdio="stdout")
+# inetd without an error stream: fd 2 is the client's socket.  Not one log
+# byte may reach the client (alpnd logs to syslog then).
+case("inetd_stderr_is_socket", _h, route="fallback", stdio="socket")
+case("inetd_stderr_is_socket_respond", acme_hello(sni=b"nosuch.test"), mode="certs",
+     stdio="socket", rc=EX_DATAERR, route=None,
+     down=H.record(b"\x02\x70", ctype=H.CT_ALERT, version=H.TLS12))
+# A launcher that leaves fd 2 closed: the first socket alpnd opens becomes
+# fd 2, and log lines must not be written into it (here: the backend's).
+case("stderr_closed_log_not_relayed", presend=_h,
+     script=lambda c: [("wait_backend", c.fb, 2), ("sleep", 0.2), ("rst",)],
+     payload=_h, fallback=dict(behaviour="record"), stdio="closed", rc=RC_RELAY_BROKEN,
+     route="fallback", down=None, tmax=1.5,
+     xfail="alpnd writes its log line into the backend socket when started with fd 2 closed")
 
 # === the ACME responder behind the router (--certs) ===================================
 C = dict(mode="certs")
@@ -826,7 +841,7 @@ def evaluate(c, build, ctx, run, fb, ab):
         if conn.end not in ("eof", "rst", "self"):
             f.append("backend connection not closed (%r)" % conn.end)
         if conn.fds is None and fb.behaviour == "record" and c.route == "fallback" \
-                and run.rc == EX_OK and build != "valgrind":
+                and run.rc == EX_OK and build != "valgrind" and c.stdio == "pipe":
             f.append("no descriptor snapshot of the relay was taken")
         if conn.fds and run.rc == EX_OK:
             # taken when the client's EOF reached the backend: the relay
@@ -848,7 +863,7 @@ def evaluate(c, build, ctx, run, fb, ab):
     if down is not None and run.client_got != down:
         f.append("client got %d bytes %r, expected %r" % (len(run.client_got), run.client_got[:60],
                                                           down[:60]))
-    if c.route is not None and build != "valgrind" and not re.search(r" %s " % c.route, run.stderr):
+    if c.route is not None and build != "valgrind" and c.stdio == "pipe" and not re.search(r" %s " % c.route, run.stderr):
         f.append("no log line with route %r" % c.route)
     for rx in c.log:
         if not re.search(rx, run.stderr):
@@ -951,7 +966,8 @@ def run_one(c, build, ctx):
                       ("read", 30.0) if op[0] == "read" else op for op in script]
         env = ctx.env(build, run)
         run_connection(argv, script, run, env, family=c.family,
-                       wait_max=c.tmax * ctx.factor(build) + 3, stdout_socket=c.stdout_socket)
+                       wait_max=c.tmax * ctx.factor(build) + 3, stdio=c.stdio,
+                       presend=c.presend)
     finally:
         fb.close()
         if ab:
@@ -1009,6 +1025,11 @@ def test_hostile(name, build, request, hostile_ctx):
     if (name, build) not in res:        # selected after the batch ran
         res[(name, build)] = run_one({c.name: c for c in CASES}[name], build, hostile_ctx)
     run, failures = res[(name, build)]
+    xf = {c.name: c.xfail for c in CASES}[name]
+    if xf:
+        if not failures:
+            pytest.fail("%s [%s] passes now: remove its xfail (%s)" % (name, build, xf))
+        pytest.xfail("known bug: %s: %s" % (xf, "; ".join(failures)))
     if failures:
         pytest.fail("%s [%s]:\n  %s\n--- rc %r elapsed %s\n--- stderr:\n%s" % (
             name, build, "\n  ".join(failures), run.rc,
