@@ -19,7 +19,7 @@ import time
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import acmelib as A
 
@@ -807,6 +807,7 @@ def test_journald_structured_fields(certs, tmp_path):
                 with pytest.raises(ssl.SSLError):
                     A.py_tls(srv.port, sni)
             ch = srv.wait(i + 1, timeout=20)[-1]
+            assert ch.rc == (0 if i == 0 else 65), ch.stderr
     finally:
         srv.close()
 
