@@ -312,6 +312,8 @@ def test_dehydrated(pebble, front, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     check_issued(str(base / "certs" / name / "fullchain.pem"), name, pebble)
     assert any(l["sni"] == name and l["result"] == "ok" for l in logs), logs
+    # the validator resolved AAAA ::1 and came over IPv6 (dual-stack alpnd)
+    assert any(l["client"].startswith("[::1]:") for l in logs), logs
     # dehydrated removed its challenge pair afterwards
     assert os.listdir(front.certs) == []
 
