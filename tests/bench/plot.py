@@ -67,12 +67,23 @@ def main():
          ["c=%d" % c for c in cs],
          "New TLS connections/s, ratio to direct", "x direct",
          [(0.5, "0.50"), (0.9, "0.90")])
+    xs = [j for j, n in enumerate(names) if S[n].get("cpu_ratio_c8") is not None]
+    axs[0][0].scatter(xs, [S[names[j]]["cpu_ratio_c8"] for j in xs], marker="D",
+                      color="black", s=18, zorder=5, label="CPU-cost ratio c=8")
+    axs[0][0].legend(fontsize=7, loc="upper right")
     bars(axs[0][1], names, S, ["p50_added_us", "p99_added_us"], ["p50", "p99"],
          "Latency added per connection at c=1", "microseconds over direct")
+    axs[0][1].set_yscale("symlog", linthresh=100)
     bars(axs[1][0], names, S, ["bulk_tls_ratio", "bulk_raw_ratio"],
          ["HTTPS download", "raw TCP after ClientHello"],
          "Bulk throughput (%d MiB), ratio to direct" % (cfg["bulk_bytes"] >> 20),
          "x direct", [(0.95, "0.95")])
+    for i, k in enumerate(("bulk_tls_cpu_ratio", "bulk_raw_cpu_ratio")):
+        xs = [j for j, n in enumerate(names) if S[n].get(k) is not None]
+        axs[1][0].scatter([j + (i - 0.5) * 0.4 for j in xs],
+                          [S[names[j]][k] for j in xs], marker="D", color="black",
+                          s=14, zorder=5, label="CPU-cost ratio" if i == 0 else None)
+    axs[1][0].legend(fontsize=7, loc="upper right")
     mem = [n for n in names if S[n].get("pss_kib_per_conn") is not None
            and n != "direct"]
     bars(axs[1][1], mem, S, ["pss_kib_per_conn", "memcg_kib_per_conn"],
