@@ -591,9 +591,10 @@ finish(struct conn *c, int code, const char *fmt, ...)
 static struct conn *
 conn_new(int fd, int64_t now)
 {
-	struct conn *c;
+	static struct conn single;	/* per-connection mode: no malloc */
+	struct conn *c = &single;
 
-	if ((c = malloc(sizeof(*c))) == NULL)
+	if (listening && (c = malloc(sizeof(*c))) == NULL)
 		return NULL;
 	/* Only the head of the struct needs zeroing; strings start empty. */
 	memset(c, 0, offsetof(struct conn, sni));
@@ -1402,16 +1403,26 @@ loop(void)
 	}
 }
 
-/* Is fd 2 the very socket we serve (inetd without an error stream)? */
+/*
+ * Is fd 2 the very socket we serve (inetd without an error stream)?
+ * A closed fd 2 gets /dev/null, lest a backend socket become "stderr".
+ */
 static int
 stderr_is_conn(int cfd)
 {
 	struct stat a, b;
-	int type;
+	int type, fd;
 	socklen_t sl = sizeof(type);
 
-	if (getsockopt(STDERR_FILENO, SOL_SOCKET, SO_TYPE, &type, &sl) == -1)
+	if (getsockopt(STDERR_FILENO, SOL_SOCKET, SO_TYPE, &type, &sl) == -1) {
+		if (errno == EBADF &&
+		    (fd = open("/dev/null", O_RDWR | O_CLOEXEC)) != -1 &&
+		    fd != STDERR_FILENO) {
+			(void)dup2(fd, STDERR_FILENO);
+			close(fd);
+		}
 		return 0;
+	}
 	if (fstat(STDERR_FILENO, &a) == -1 || fstat(cfd, &b) == -1)
 		return 0;
 	return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
@@ -1538,6 +1549,9 @@ main(int argc, char *argv[])
 	if (acc) {
 		sigset_t set;
 
+		use_syslog = stderr_is_conn(fd);
+		if (use_syslog)
+			openlog("alpnd", LOG_PID, LOG_DAEMON);
 		listening = 1;
 		lfd = fd;
 		(void)fcntl(lfd, F_SETFD, FD_CLOEXEC);

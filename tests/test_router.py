@@ -787,3 +787,38 @@ def test_listen_mode_concurrent_slow_hellos(activate, echo_backend):
     assert time.monotonic() - t0 < 3
     lines = a.wait_lines(10)
     assert all(x["sni"] == "dribble.test" for x in lines)
+
+
+def test_closed_stderr_never_becomes_a_socket(echo_backend):
+    """With fd 2 closed, a backend socket must not land on fd 2 (and get
+    the log line): alpnd puts /dev/null there first."""
+    b = echo_backend("record")
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    c = socket.create_connection(lsock.getsockname())
+    conn, _ = lsock.accept()
+    hello = client_hello("closed-stderr.test")
+    c.sendall(hello)
+
+    def close2():
+        os.close(2)
+    p = subprocess.Popen([ALPND, "--fallback", b.addr, "--acme",
+                          "127.0.0.1:9"], stdin=conn,
+                         stdout=subprocess.DEVNULL, preexec_fn=close2)
+    conn.close()
+    try:
+        b.wait_conns(1)
+        fd2 = os.readlink("/proc/%d/fd/2" % p.pid)
+        assert fd2 == "/dev/null", fd2
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c) == b""
+        assert p.wait(10) == 0
+        wait_for(lambda: b.conns[0].eof, 10, "backend EOF")
+        assert bytes(b.conns[0].data) == hello
+    finally:
+        c.close()
+        lsock.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
