@@ -75,6 +75,7 @@ struct conn {
 	int		 fd;
 	int		 dirfd;
 	int		 dir_errno;		/* why dirfd is -1 */
+	const char	*dir;
 	gnutls_certificate_credentials_t cred;
 	struct timespec	 start;
 	char		 client[INET6_ADDRSTRLEN + 16];
@@ -839,8 +840,8 @@ client_hello_hook(gnutls_session_t session, unsigned htype, unsigned when,
 		goto done;
 	}
 	if (c->dirfd == -1) {
-		snprintf(c->why, sizeof(c->why), "certs directory: %s",
-		    strerror(c->dir_errno));
+		snprintf(c->why, sizeof(c->why), "certs directory %s: %s",
+		    c->dir, strerror(c->dir_errno));
 		return GNUTLS_E_UNRECOGNIZED_NAME;
 	}
 	if (load_pair(c->dirfd, &id, &p, c->why, sizeof(c->why)) == -1)
@@ -934,7 +935,7 @@ connection_fd(void)
 }
 
 static int
-serve(int dirfd, int dir_errno, int timeout)
+serve(const char *dir, int dirfd, int dir_errno, int timeout)
 {
 	static const gnutls_datum_t acme = {
 		(unsigned char *)(uintptr_t)ALPN_ACME, sizeof(ALPN_ACME) - 1
@@ -950,6 +951,7 @@ serve(int dirfd, int dir_errno, int timeout)
 	snprintf(c.sni, sizeof(c.sni), "-");
 	c.dirfd = dirfd;
 	c.dir_errno = dir_errno;
+	c.dir = dir;
 	c.alert = -1;
 	c.rc = EX_SOFTWARE;
 	if ((fd = connection_fd()) == -1)
@@ -1424,7 +1426,7 @@ main(int argc, char *argv[])
 		 * connection lines go: stderr may be the client (inetd).
 		 */
 		if (mode == 0)
-			return serve(-1, errno, (int)timeout);
+			return serve(dir, -1, errno, (int)timeout);
 		fprintf(stderr, "%s: %s: %s\n", PROG, dir, strerror(errno));
 		return EX_UNAVAILABLE;
 	}
@@ -1439,7 +1441,7 @@ main(int argc, char *argv[])
 		rc = check(dirfd, argv[0]);
 		break;
 	default:
-		rc = serve(dirfd, 0, (int)timeout);
+		rc = serve(dir, dirfd, 0, (int)timeout);
 		break;
 	}
 	close(dirfd);
