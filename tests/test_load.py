@@ -36,7 +36,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hostile_lib as H  # noqa: E402
-from hostile_harness import ROOT, MARK_VAR, SANITIZER_RE, free_port, marked_pids  # noqa: E402
+from hostile_harness import (ROOT, MARK_VAR, SANITIZER_RE, fd_table, free_port,  # noqa: E402
+                             marked_pids)
 
 N_RELAY, N_ACME = 350, 150
 SIZES = [0, 1, 1500, 65536, 262144, 1 << 20]
@@ -46,8 +47,6 @@ PLAIN = b"PLAIN LOAD TEST\n"           # 16 bytes of non-TLS prefix
 HDR = struct.Struct("!IIII")           # id, up_len, down_off, down_len
 BLOCK = os.urandom(2 << 20)
 
-BUILD = os.environ.get("ALPND_LOAD_BUILD", "normal")
-BIN = ROOT / "build/asan" if BUILD == "asan" else ROOT
 
 
 def sha(b):
@@ -174,7 +173,12 @@ def children(mark, parent):
     return [p for p in marked_pids(mark) if p != parent]
 
 
-async def main(port, mark, parent, report):
+def sockets_of(pid):
+    t = fd_table(pid) or {}
+    return [fd for fd, v in t.items() if v.startswith("socket:")]
+
+
+async def main(port, mark, parent, report, mode):
     srv = FallbackServer()
     server = await asyncio.start_server(srv.handle, "127.0.0.1", report["fb_port"],
                                         backlog=1024)
@@ -190,7 +194,10 @@ async def main(port, mark, parent, report):
                                         for _ in kinds[i:i + 50]])
     end = time.monotonic() + 30
     while time.monotonic() < end:
-        n = len(children(mark, parent))
+        if mode == "accept":        # one process per connection
+            n = len(children(mark, parent))
+        else:                       # one process holds them all (+ listener)
+            n = len(sockets_of(parent)) - 1
         report["peak"] = max(report.get("peak", 0), n)
         if n >= len(kinds):
             break
@@ -215,8 +222,15 @@ async def main(port, mark, parent, report):
 
 
 @pytest.mark.timeout(120)
-def test_load_500_concurrent(tmp_path):
-    alpnd, respond = BIN / "alpnd", BIN / "alpnd-respond"
+@pytest.mark.parametrize("build", ["normal", "asan"])
+@pytest.mark.parametrize("mode", ["accept", "listen"])
+def test_load_500_concurrent(tmp_path, mode, build):
+    """mode accept: systemd-socket-activate --accept, one alpnd per
+    connection (LISTEN_FDS=1, fd 3).  mode listen: no --accept, one alpnd in
+    listening-socket mode (-x 2) serving all 500 and forking a responder
+    per ACME handshake; it must then exit by itself, holding nothing."""
+    bindir = ROOT / "build/asan" if build == "asan" else ROOT
+    alpnd, respond = bindir / "alpnd", bindir / "alpnd-respond"
     assert os.access(alpnd, os.X_OK) and os.access(respond, os.X_OK), "make all first"
     certs = tmp_path / "certs"
     certs.mkdir()
@@ -231,10 +245,11 @@ def test_load_500_concurrent(tmp_path):
     log = tmp_path / "activate.log"
     with open(log, "wb") as lf:
         sa = subprocess.Popen(
-            ["systemd-socket-activate", "--accept", "-l", "127.0.0.1:%d" % port,
+            ["systemd-socket-activate"] + (["--accept"] if mode == "accept" else []) +
+            ["-l", "127.0.0.1:%d" % port,
              "-E", "%s=%s" % (MARK_VAR, mark), "-E", "ASAN_OPTIONS=" + env["ASAN_OPTIONS"],
              str(alpnd), "--fallback", "127.0.0.1:%d" % fb_port, "--certs", str(certs),
-             "--respond", str(respond), "-t", "40"],
+             "--respond", str(respond), "-t", "40"] + (["-x", "2"] if mode == "listen" else []),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=lf, env=env,
             start_new_session=True)
     report = {"fb_port": fb_port}
@@ -244,8 +259,17 @@ def test_load_500_concurrent(tmp_path):
             assert sa.poll() is None and time.monotonic() < end, log.read_text()
             time.sleep(0.02)
         t0 = time.monotonic()
-        asyncio.run(main(port, mark, sa.pid, report))
+        asyncio.run(main(port, mark, sa.pid, report, mode))
         elapsed = time.monotonic() - t0
+        if mode == "listen":
+            # all connections done: only the listener is left, and the
+            # process exits by itself after 2 s idle (nothing leaked)
+            time.sleep(0.3)
+            report["idle_fds"] = fd_table(sa.pid)
+            try:
+                report["rc"] = sa.wait(10)
+            except subprocess.TimeoutExpired:
+                report["rc"] = "still running 10 s after the load"
         # no process outlives its connection
         end = time.monotonic() + 5
         left = children(mark, sa.pid)
@@ -253,14 +277,19 @@ def test_load_500_concurrent(tmp_path):
             time.sleep(0.05)
             left = children(mark, sa.pid)
     finally:
-        os.killpg(sa.pid, signal.SIGTERM)
         try:
+            os.killpg(sa.pid, signal.SIGTERM)
             sa.wait(5)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(sa.pid, signal.SIGKILL)
-            sa.wait()
+        sa.wait()
         for pid in children(mark, sa.pid):
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     text = log.read_text(errors="replace")
     results = report["results"]
     srv = report["backend"]
@@ -286,6 +315,17 @@ def test_load_500_concurrent(tmp_path):
                                                                  N_RELAY + N_ACME))
     if left:
         fails.append("processes outlived their connections: %r" % left)
+    if mode == "listen":
+        if report.get("rc") != 0:
+            fails.append("listening-mode alpnd: exit %r" % report.get("rc"))
+        idle = report.get("idle_fds") or {}
+        socks = [fd for fd, v in idle.items() if v.startswith("socket:")]
+        pipes = [v for v in idle.values() if v.startswith("pipe:")]
+        # stdio, the listener, epoll, signalfd; spare pipes: at most 64
+        # (alpnd.c keeps a bounded pool), each with both of its ends
+        if len(socks) != 1 or len(idle) - len(pipes) > 6 or len(pipes) > 128 or \
+                any(pipes.count(v) != 2 for v in pipes):
+            fails.append("idle listening-mode alpnd holds %r" % idle)
     relay_ok = len(re.findall(r"^alpnd\[\d+\]: \S+ \S+ \S+ fallback \d+ \d+ \S+ ok$", text, re.M))
     acme_ok = len(re.findall(r"^alpnd-respond\[\d+\]: .* ok \"TLS1\.[23]", text, re.M))
     if relay_ok != N_RELAY or acme_ok != N_ACME:
@@ -293,9 +333,12 @@ def test_load_500_concurrent(tmp_path):
             relay_ok, N_RELAY, acme_ok, N_ACME))
     if SANITIZER_RE.search(text):
         fails.append("sanitizer report in the log")
-    print("load: %d connections (%d relays, %d ACME), peak %d processes, %.1f MB relayed, "
+    print("load %s/%s: %d connections (%d relays, %d ACME), peak %d processes, %.1f MB relayed, "
           "phase 1 %.2fs, phase 2 %.2fs, total %.2fs" % (
-              len(results), len(relays), len(acme), report.get("peak", 0),
+              mode, build, len(results), len(relays), len(acme), report.get("peak", 0),
               report["bytes"] / 1e6, report["phase1"], report["phase2"], elapsed))
-    assert not fails, "\n".join(fails) + "\n--- log tail:\n" + text[-3000:]
+    other = [ln for ln in text.splitlines()
+             if not ln.startswith(("alpnd[", "alpnd-respond[", "Child "))]
+    assert not fails, "\n".join(fails) + "\n--- other log lines:\n" + "\n".join(other[:30]) + \
+        "\n--- log tail:\n" + text[-2000:]
     assert elapsed < 60, "load test took %.1fs" % elapsed
