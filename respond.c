@@ -85,6 +85,7 @@ struct conn {
 	uint8_t		 rawsni[SNI_RAW_MAX];	/* as received */
 	size_t		 rawsni_len;
 	int		 sni_seen, sni_dup, alpn_seen, acme_offered;
+	const char	*bad_ext;		/* malformed extension seen */
 	char		 loaded[NAME_LEN + 1];	/* name whose pair is set */
 	int		 hook_failed;		/* our hook refused, alert pending */
 	int		 alert;
@@ -743,11 +744,13 @@ hello_ext(void *ctx, unsigned tls_id, const unsigned char *data,
 	switch (tls_id) {
 	case 0:		/* server_name, RFC 6066 section 3 */
 		if (size < 2 || (unsigned)(data[0] << 8 | data[1]) != size - 2)
-			return 0;
-		for (off = 2; off + 3 <= size; off += 3 + len) {
+			goto bad;
+		for (off = 2; off < size; off += 3 + len) {
+			if (off + 3 > size)
+				goto bad;
 			len = (unsigned)(data[off + 1] << 8 | data[off + 2]);
 			if (off + 3 + len > size)
-				return 0;
+				goto bad;
 			if (data[off] != 0)	/* only host_name is defined */
 				continue;
 			if (c->sni_seen++) {
@@ -762,17 +765,20 @@ hello_ext(void *ctx, unsigned tls_id, const unsigned char *data,
 	case 16:	/* application_layer_protocol_negotiation, RFC 7301 */
 		c->alpn_seen = 1;
 		if (size < 2 || (unsigned)(data[0] << 8 | data[1]) != size - 2)
-			return 0;
+			goto bad;
 		for (off = 2; off < size; off += 1 + len) {
 			len = data[off];
-			if (off + 1 + len > size)
-				return 0;
+			if (len == 0 || off + 1 + len > size)
+				goto bad;
 			if (len == sizeof(ALPN_ACME) - 1 &&
 			    memcmp(data + off + 1, ALPN_ACME, len) == 0)
 				c->acme_offered = 1;
 		}
 		break;
 	}
+	return 0;
+ bad:
+	c->bad_ext = tls_id == 0 ? "server_name" : "ALPN";
 	return 0;
 }
 
@@ -796,11 +802,19 @@ client_hello_hook(gnutls_session_t session, unsigned htype, unsigned when,
 		return 0;
 	c->sni_seen = c->sni_dup = c->alpn_seen = c->acme_offered = 0;
 	c->rawsni_len = 0;
+	c->bad_ext = NULL;
 	if (gnutls_ext_raw_parse(c, hello_ext, msg,
 	    GNUTLS_EXT_RAW_FLAG_TLS_CLIENT_HELLO) < 0)
 		return 0;	/* GnuTLS will say what is wrong with it */
 
 	c->hook_failed = 1;
+	if (c->bad_ext != NULL) {
+		c->result = "tls_error";
+		snprintf(c->why, sizeof(c->why), "malformed %s extension",
+		    c->bad_ext);
+		c->alert = GNUTLS_A_DECODE_ERROR;
+		return GNUTLS_E_UNEXPECTED_EXTENSIONS_LENGTH;
+	}
 	if (c->sni_seen)
 		escape(c->sni, sizeof(c->sni), c->rawsni,
 		    c->rawsni_len < sizeof(c->rawsni) ? c->rawsni_len :

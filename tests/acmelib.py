@@ -34,6 +34,7 @@ ACME_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 ACME_ALPN = "acme-tls/1"
 
 # TLS alert descriptions (RFC 8446 section 6)
+ALERT_DECODE_ERROR = 50
 ALERT_PROTOCOL_VERSION = 70
 ALERT_UNRECOGNIZED_NAME = 112
 ALERT_NO_APPLICATION_PROTOCOL = 120
@@ -275,16 +276,22 @@ def reverse_name(addr):
 
 # ------------------------------------------------------------ TLS clients
 
-def raw_client_hello(sni, alpn=(b"acme-tls/1",), version=0x0303):
+def raw_client_hello(sni, alpn=(b"acme-tls/1",), version=0x0303,
+                     sni_body=None, alpn_body=None):
     """A hand-built TLS 1.2 ClientHello carrying sni as raw bytes (so that
-    values no TLS library would send can be tested).  sni=None: no SNI."""
+    values no TLS library would send can be tested).  sni=None: no SNI.
+    sni_body / alpn_body: the extension bodies verbatim (malformed ones)."""
     def ext(t, body):
         return struct.pack("!HH", t, len(body)) + body
     exts = b""
-    if sni is not None:
+    if sni_body is not None:
+        exts += ext(0, sni_body)
+    elif sni is not None:
         entry = b"\x00" + struct.pack("!H", len(sni)) + sni
         exts += ext(0, struct.pack("!H", len(entry)) + entry)
-    if alpn:
+    if alpn_body is not None:
+        exts += ext(16, alpn_body)
+    elif alpn:
         lst = b"".join(bytes([len(p)]) + p for p in alpn)
         exts += ext(16, struct.pack("!H", len(lst)) + lst)
     exts += ext(10, b"\x00\x04\x00\x1d\x00\x17")        # x25519, P-256

@@ -417,6 +417,33 @@ def test_no_sni_and_no_alpn(certs, responder):
         A.py_tls(srv.port, "v.example.org", alpn=())
 
 
+MALFORMED = [
+    # (label, sni_body, alpn_body, reason)
+    ("sni-list-too-long", b"\x00\x20\x00\x00\x0dv.example.org", None,
+     "server_name"),
+    ("sni-name-overruns", b"\x00\x10\x00\x00\x0ev.example.org", None,
+     "server_name"),
+    ("sni-truncated-entry", b"\x00\x02\x00\x00", None, "server_name"),
+    ("alpn-list-too-short", None, b"\x00\x05\x0aacme-tls/1", "ALPN"),
+    ("alpn-empty-name", None, b"\x00\x0c\x00\x0aacme-tls/1", "ALPN"),
+]
+
+
+@pytest.mark.parametrize("label,sni_body,alpn_body,reason", MALFORMED,
+                         ids=[m[0] for m in MALFORMED])
+def test_malformed_extensions(certs, responder, label, sni_body, alpn_body,
+                              reason):
+    assert make(certs, "v.example.org").returncode == 0
+    srv = responder()
+    res = A.raw_exchange(srv.port, A.raw_client_hello(
+        b"v.example.org", sni_body=sni_body, alpn_body=alpn_body))
+    ch = srv.last()
+    assert res == ("alert", A.ALERT_DECODE_ERROR), (res, ch.stderr)
+    assert ch.rc == 65
+    assert ch.log()["result"] == "tls_error"
+    assert ch.log()["reason"] == "malformed %s extension" % reason
+
+
 def test_old_tls_versions_refused(certs, responder):
     assert make(certs, "v.example.org").returncode == 0
     srv = responder()
