@@ -1107,6 +1107,7 @@ static void
 start_relay(struct conn *c)
 {
 	int64_t now = now_us();
+	int one = 1;
 
 	set_lowat(c, 1);
 	if (!sigpipe_ignored) {
@@ -1122,6 +1123,13 @@ start_relay(struct conn *c)
 		finish(c, EX_IOERR, "cannot send the PROXY header");
 		return;
 	}
+	/*
+	 * Forward segments as they come, like the backend side: Nagle here
+	 * would hold back the tail of a TLS flight until the client ACKs.
+	 */
+	if (c->peer.ss_family != AF_UNIX)
+		(void)setsockopt(c->cfd, IPPROTO_TCP, TCP_NODELAY, &one,
+		    sizeof(one));
 	if (!c->nonblock) {
 		/* splice(2) follows the socket's own O_NONBLOCK. */
 		(void)fcntl(c->cfd, F_SETFL, O_RDWR | O_NONBLOCK);

@@ -822,3 +822,76 @@ def test_closed_stderr_never_becomes_a_socket(echo_backend):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def proc_cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("proxy", [False, True])
+def test_waiting_for_the_hello_does_not_spin(inetd, echo_backend, proxy):
+    """Half a ClientHello (after a PROXY header, or half a header) for a
+    second: alpnd sleeps in epoll with SO_RCVLOWAT, it does not poll."""
+    b = echo_backend("echo")
+    args = ["--fallback", b.addr, "--acme", "127.0.0.1:9"]
+    hello = client_hello("patience.test")
+    hdr = b""
+    if proxy:
+        args.append("--accept-proxy")
+        hdr = b"PROXY TCP4 203.0.113.9 192.0.2.1 4000 443\r\n"
+    i = inetd(args)
+    s = socket.create_connection(("127.0.0.1", i.port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    first = (hdr[:20] if proxy else hello[:200])
+    s.sendall(first)
+    wait_for(lambda: i.procs, 5, "alpnd to start")
+    pid = i.procs[0].pid
+    time.sleep(0.3)                # the scenario: a slow client
+    cpu0 = proc_cpu_seconds(pid)   # start-up (ASan's is not small) done
+    time.sleep(1.0)
+    cpu = proc_cpu_seconds(pid) - cpu0
+    assert cpu < 0.05, "alpnd used %.3fs CPU while waiting" % cpu
+    s.sendall((hdr + hello)[len(first):])
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == hello
+    s.close()
+    res = i.wait_results(1)[0]
+    assert res.rc == 0 and "patience.test" in res.stderr
+
+
+def test_listen_mode_deadline_and_reaping(activate, echo_backend, recorder):
+    b = echo_backend("echo")
+    a = activate(["--fallback", b.addr, "--certs", recorder.dir,
+                  "--respond", recorder.path, "--hello-timeout", "1",
+                  "--exit-idle", "30"], mode="listen")
+    slow = socket.create_connection(("127.0.0.1", a.port))
+    t0 = time.monotonic()
+    # Meanwhile three ACME connections, each handed to a child.
+    for k in range(3):
+        s = socket.create_connection(("127.0.0.1", a.port))
+        s.sendall(client_hello("r%d.test" % k, ["acme-tls/1"]))
+        assert recv_all(s) == b"RESPONDER\n"
+        s.close()
+    slow.settimeout(5)
+    assert slow.recv(10) == b""
+    assert 0.9 < time.monotonic() - t0 < 3
+    slow.close()
+    pid = int(a.wait_lines(4)[0]["pid"])
+
+    def zombies():
+        out = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    st = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(st[1]) == pid and st[0] == "Z":
+                out.append(d)
+        return out
+    wait_for(lambda: not zombies(), 5, "responder children reaped")
+    assert a.proc.poll() is None      # still serving (exit-idle 30 s)
