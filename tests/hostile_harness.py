@@ -385,8 +385,10 @@ class Client:
                         time.sleep(a[2])
                         if self.run.rc is not None:
                             raise BrokenPipeError("server exited while dripping")
-                elif op == "sleep":
-                    time.sleep(a[1])
+                elif op == "sleep":         # cut short once the process exited
+                    end = time.monotonic() + a[1]
+                    while time.monotonic() < end and self.run.rc is None:
+                        time.sleep(min(0.02, max(0.0, end - time.monotonic())))
                 elif op == "shut":
                     s.shutdown(socket.SHUT_WR)
                 elif op == "rst":
