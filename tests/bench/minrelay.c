@@ -1,6 +1,6 @@
 /*
- * minrelay - the floor of a per-connection relay: a static program that
- * connects to IP:PORT and splices both directions between it and the
+ * minrelay IP:PORT - the floor of a per-connection relay: a static program
+ * that connects to IP:PORT (IPv4) and splices both directions between it and the
  * connection on fd 0 until both are done.  No parsing, no logging, no
  * timeouts: what any inetd-style relay has to do at least.
  */
@@ -24,16 +24,18 @@ main(int argc, char *argv[])
 {
 	struct sockaddr_in sin;
 	struct pollfd pfd[2];
+	char *colon;
 	int fd[2], pipes[2][2], inpipe[2] = { 0, 0 }, eof[2] = { 0, 0 };
 	int i, one = 1;
 	ssize_t n;
 
-	if (argc != 3)
+	if (argc != 2 || (colon = strrchr(argv[1], ':')) == NULL)
 		return 64;
+	*colon = '\0';
 	memset(&sin, 0, sizeof(sin));
 	sin.sin_family = AF_INET;
-	sin.sin_port = htons(atoi(argv[2]));
-	if (inet_pton(AF_INET, argv[1], &sin.sin_addr) != 1)
+	sin.sin_port = htons(atoi(colon + 1));
+	if (sin.sin_port == 0 || inet_pton(AF_INET, argv[1], &sin.sin_addr) != 1)
 		return 64;
 	fd[0] = 0;
 	if ((fd[1] = socket(AF_INET, SOCK_STREAM, 0)) == -1)
