@@ -14,7 +14,6 @@
 #include <sys/types.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
 
@@ -34,7 +33,6 @@
 #include <unistd.h>
 
 #include <gnutls/gnutls.h>
-#include <gnutls/abstract.h>
 #include <gnutls/crypto.h>
 #include <gnutls/x509.h>
 #include <systemd/sd-daemon.h>
@@ -79,7 +77,7 @@ struct conn {
 	gnutls_certificate_credentials_t cred;
 	struct timespec	 start;
 	char		 client[INET6_ADDRSTRLEN + 16];
-	char		 sni[4 * 256 + 8];	/* escaped, for logs */
+	char		 sni[4 * SNI_RAW_MAX + 1];	/* escaped, for logs */
 	const char	*result;
 	char		 why[WHY_LEN];
 	uint8_t		 rawsni[SNI_RAW_MAX];	/* as received */

@@ -98,8 +98,9 @@ class Pebble:
         self.d = d
         self.procs = []
         self.tls = _ca_and_server_cert(d)
-        # alpnd goes on pebble's tlsPort, dual-stack, per test (Front)
-        self.tls_port = A.free_port(socket.AF_INET6)
+        # alpnd's listener first, then pebble with it as tlsPort: no race
+        self.front = Front(d)
+        self.tls_port = self.front.port
         dns = A.free_port(socket.AF_INET)
         mgmt = A.free_port(socket.AF_INET)
         self.port = A.free_port(socket.AF_INET)
@@ -153,6 +154,7 @@ class Pebble:
         return pr
 
     def close(self):
+        self.front.close()
         for pr in self.procs:
             if pr.proc.poll() is None:
                 pr.proc.terminate()
@@ -184,30 +186,58 @@ def pebble(tmp_path_factory):
             pass
 
 
+FRONT_SH = """#!/bin/sh
+# one connection: exec the command line the current test wrote, one
+# argument a line (alpnd then execs alpnd-respond in this same process)
+set -f
+IFS='
+'
+exec $(cat "$1")
+"""
+
+
 class Front:
     """alpnd on pebble's tlsPort the way a host runs it: a socket unit with
     Accept=yes (systemd-socket-activate --accept, [::] dual-stack), one alpnd
-    per connection, which execs alpnd-respond for acme-tls/1."""
+    per connection, which execs alpnd-respond for acme-tls/1.  The listener
+    stays up for the module (pebble's tlsPort is fixed); each test sets the
+    alpnd command line (use) and reads only its own log lines."""
 
-    def __init__(self, port, args, log):
-        self.port = port
-        self.logpath = log
-        fh = open(log, "wb")
+    def __init__(self, d):
+        self.argsfile = os.path.join(d, "front.args")
+        self.logpath = os.path.join(d, "front.log")
+        script = os.path.join(d, "front.sh")
+        with open(script, "w") as f:
+            f.write(FRONT_SH)
+        os.chmod(script, 0o755)
+        self.use(["/bin/true"])
+        self.port = A.free_port(socket.AF_INET6)
+        fh = open(self.logpath, "wb")
         self.p = subprocess.Popen(
-            ["systemd-socket-activate", "-l", "[::]:%d" % port, "--accept",
-             A.ALPND, "--fallback", "127.0.0.1:9", "--hello-timeout", "10"]
-            + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=fh, start_new_session=True)
+            ["systemd-socket-activate", "-l", "[::]:%d" % self.port,
+             "--accept", script, self.argsfile],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fh,
+            start_new_session=True)
         fh.close()
+        self.since = 0
         try:
-            A.wait_port(port, host="::1", proc=self.p)
-            A.wait_port(port, host="127.0.0.1", proc=self.p)
+            A.wait_port(self.port, host="::1", proc=self.p)
+            A.wait_port(self.port, host="127.0.0.1", proc=self.p)
         except Exception:
             self.close()
             raise
 
+    def use(self, argv):
+        tmp = self.argsfile + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("\n".join(str(a) for a in argv) + "\n")
+        os.rename(tmp, self.argsfile)
+        if hasattr(self, "p"):
+            self.since = os.path.getsize(self.logpath)
+
     def text(self):
         with open(self.logpath, errors="replace") as f:
+            f.seek(self.since)
             return f.read()
 
     def responder_logs(self, name, n=1, timeout=10):
@@ -242,19 +272,16 @@ def front(pebble, tmp_path):
     those arguments on pebble's tlsPort (default --certs DIR)."""
     certs = tmp_path / "alpn-certs"
     certs.mkdir()
-    fronts = []
 
     def start(*args):
-        while fronts:
-            fronts.pop().close()
-        fronts.append(Front(pebble.tls_port, args or (
-            "--certs", str(certs), "--respond", A.RESPOND),
-            str(tmp_path / ("front%d.log" % len(fronts)))))
-        return fronts[-1]
+        pebble.front.use([A.ALPND, "--fallback", "127.0.0.1:9",
+                          "--hello-timeout", "10"] + list(args or (
+                              "--certs", str(certs), "--respond",
+                              A.RESPOND)))
+        return pebble.front
     start.certs = str(certs)
     yield start
-    while fronts:
-        fronts.pop().close()
+    pebble.front.use(["/bin/true"])
 
 
 def validations(f, name):
