@@ -102,6 +102,8 @@ struct dir {
 
 struct conn {
 	struct conn	*prev, *next;	/* in the queue of its state */
+	struct conn	*again;		/* on the list of relays to resume */
+	int		 queued;	/* on that list */
 	struct queue	*q;
 	enum state	 state;
 	enum route	 route;
@@ -153,6 +155,7 @@ static int		 grow_pipes = PIPE_SIZE > 65536;
 static size_t		 nconn, nchild;
 static struct queue	 q_hello, q_connect, q_relay;
 static struct conn	*dead;		/* freed after each event batch */
+static struct conn	*again;		/* relays that stopped on their budget */
 static int		 exit_code = EX_OK;
 static int		 single_done;
 static int		 listen_paused;
@@ -557,6 +560,16 @@ finish(struct conn *c, int code, const char *fmt, ...)
 	va_end(ap);
 	log_conn(c, now);
 	q_remove(c);
+	if (c->queued) {
+		struct conn **pp;
+
+		for (pp = &again; *pp; pp = &(*pp)->again)
+			if (*pp == c) {
+				*pp = c->again;
+				break;
+			}
+		c->queued = 0;
+	}
 	if (!listening) {
 		/* One connection: exit(2) closes everything at once. */
 		if (c->cfd != -1 && c->state != S_RELAY)
@@ -1157,15 +1170,22 @@ start_relay(struct conn *c)
 
 /*
  * Move what can be moved from src to dst through the pipe, until both the
- * read and the write would block.  Returns 0, or -1 with errno set.
+ * read and the write would block, or the budget is spent (then *more is
+ * set: edge-triggered epoll will not tell us again).  Returns 0, or -1
+ * with errno set.
  */
+#define PUMP_ROUNDS	16
 static int
-pump(struct dir *d, int src, int dst, int *moved)
+pump(struct dir *d, int src, int dst, int *moved, int *more)
 {
 	ssize_t n;
-	int progress;
+	int progress, rounds = 0;
 
 	do {
+		if (++rounds > PUMP_ROUNDS) {
+			*more = 1;
+			return 0;
+		}
 		progress = 0;
 		if (!d->eof && d->inpipe < d->cap) {
 			n = splice(src, NULL, d->p[1], NULL, d->cap - d->inpipe,
@@ -1206,10 +1226,10 @@ pump(struct dir *d, int src, int dst, int *moved)
 static void
 relay_step(struct conn *c)
 {
-	int moved = 0;
+	int moved = 0, more = 0;
 
-	if (pump(&c->up, c->cfd, c->bfd, &moved) == -1 ||
-	    pump(&c->dn, c->bfd, c->cfd, &moved) == -1) {
+	if (pump(&c->up, c->cfd, c->bfd, &moved, &more) == -1 ||
+	    pump(&c->dn, c->bfd, c->cfd, &moved, &more) == -1) {
 		if (errno == ECONNRESET || errno == EPIPE)
 			finish(c, EX_OK, "reset");
 		else
@@ -1222,6 +1242,26 @@ relay_step(struct conn *c)
 	}
 	if (moved && idle_timeout > 0)
 		q_append(&q_relay, c, now_us());	/* LRU order */
+	if (more && !c->queued) {
+		/* Fairness: the others get their turn, then we go on. */
+		c->queued = 1;
+		c->again = again;
+		again = c;
+	}
+}
+
+static void
+resume_relays(void)
+{
+	struct conn *c, *list = again;
+
+	again = NULL;
+	while ((c = list) != NULL) {
+		list = c->again;
+		c->queued = 0;
+		if (c->state == S_RELAY)
+			relay_step(c);
+	}
 }
 
 static void
@@ -1368,7 +1408,7 @@ loop(void)
 		if (!listening && single_done)
 			return;
 		now = now_us();
-		d = next_deadline();
+		d = again ? now : next_deadline();
 		if (listening && exit_idle >= 0 && nconn == 0 && nchild == 0 &&
 		    idle_since + exit_idle < d)
 			d = idle_since + exit_idle;
@@ -1388,6 +1428,7 @@ loop(void)
 		now = now_us();
 		for (i = 0; i < n; i++)
 			dispatch(evs[i].data.ptr, evs[i].events, now);
+		resume_relays();
 		expire(now);
 		while ((c = dead) != NULL) {
 			dead = c->next;
