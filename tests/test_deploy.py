@@ -590,8 +590,13 @@ class Netns:
                            timeout=30)
 
 
+ROOT_ONLY = "needs root (network namespaces, nftables, setuid servers)"
+
+
 @pytest.fixture
 def netns():
+    if os.geteuid() != 0:
+        pytest.skip(ROOT_ONLY)
     n = Netns()
     yield n
     n.close()
@@ -835,6 +840,7 @@ def check_inetd_style(port, backend, certs_der, expect_proxy=True):
     assert end == "alert: TLSV1_UNRECOGNIZED_NAME", end
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_ONLY)
 def test_xinetd(tmp_path, procs, backend):
     if shutil.which("xinetd") is None:
         pytest.fail("xinetd is not installed (tests/deps check)")
@@ -859,6 +865,7 @@ def test_xinetd(tmp_path, procs, backend):
     check_inetd_style(port, backend, der)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_ONLY)
 def test_tcpserver(tmp_path, procs, backend):
     """contrib/tcpserver-run as a daemontools/runit service would run it,
     reading the shipped /etc/default/alpnd."""
