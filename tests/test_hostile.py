@@ -56,6 +56,7 @@ DIGEST = hashlib.sha256(AUTH.encode()).digest()
 NAME = "example.test"
 LONG253 = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])   # 253 bytes
 LONG254 = LONG253 + "e"
+IP6REV = ".".join(reversed("0" * 31 + "1")) + ".ip6.arpa"      # ::1, RFC 8738
 REPLY = b"backend-reply\n"
 H2 = [b"h2", b"http/1.1"]
 
@@ -441,6 +442,23 @@ rejected("certs_san_mismatch", acme_hello(sni=b"wrongsan.test"), r"unrecognized_
 rejected("certs_no_sni", acme_hello(sni=None), r"unrecognized_name")
 rejected("certs_tls10_only", acme_hello(versions=None, legacy_version=H.TLS10),
          r"tls_error|protocol", alert=H.ALERT_PROTOCOL_VERSION)
+case("certs_served_ipv6_reverse_name",
+     script=[("tls", IP6REV, ["acme-tls/1"])], served=IP6REV, route=None, **C)
+case("certs_hello_dripped_then_exec",
+     script=[("drip", acme_hello(versions=(H.TLS12,), key_share=False), 0.002), ("flight", 5),
+             ("shut",), ("read", 3)],
+     served=NAME, rc=(EX_IOERR, EX_DATAERR), route=None, tmax=5.0, **C)
+
+# Hostile certificate directory content: alpnd-respond opens NAME.crt.pem
+# and NAME.key.pem inside the directory only (O_NOFOLLOW, regular files,
+# bounded size) and never blocks on them.
+E_ = dict(mode="evil", rc=EX_DATAERR, route=None, alert=H.ALERT_UNRECOGNIZED_NAME)
+for _l, _n, _why in (("symlink", "example.test", r"(?i)symbolic link|symlink|too many levels"),
+                     ("fifo", "fifo.test", r"(?i)not a regular file|fifo"),
+                     ("directory", "dir.test", r"(?i)not a regular file|directory"),
+                     ("64mib_file", "huge.test", r"(?i)size|large|bytes"),
+                     ("empty_file", "empty.test", r"(?i)size|empty|bytes")):
+    rejected("certs_dir_%s_refused" % _l, acme_hello(sni=_n.encode()), _why, **E_)
 case("certs_client_stalls_mid_handshake",
      script=[("send", acme_hello(versions=(H.TLS12,))), ("flight", 3), ("fds",),
              ("sleep", HT + 3)],
@@ -872,7 +890,7 @@ def make_certs(ctx):
     must never be served: no acmeIdentifier, acmeIdentifier not critical,
     SAN for another name."""
     respond = str(ROOT / "alpnd-respond")
-    for name in (NAME, "127.0.0.1"):
+    for name in (NAME, "127.0.0.1", "::1"):
         subprocess.run([respond, "--certs", ctx.certs, "--make", name, AUTH], check=True,
                        timeout=20, capture_output=True)
     from cryptography import x509
@@ -903,6 +921,17 @@ def make_certs(ctx):
     decoy("plain.test", "plain.test", False)
     decoy("noncrit.test", "noncrit.test", True, critical=False)
     decoy("wrongsan.test", "other.test", True)
+    # A directory with hostile content: symlinks to a valid pair elsewhere,
+    # a FIFO, a directory, a 64 MiB file and an empty one, named as pairs.
+    ctx.evil = os.path.join(ctx.tmp, "evil")
+    os.makedirs(ctx.evil)
+    for ext_ in (".crt.pem", ".key.pem"):
+        os.symlink(os.path.join(ctx.certs, NAME + ext_), os.path.join(ctx.evil, NAME + ext_))
+        os.mkfifo(os.path.join(ctx.evil, "fifo.test" + ext_))
+        os.mkdir(os.path.join(ctx.evil, "dir.test" + ext_))
+        with open(os.path.join(ctx.evil, "huge.test" + ext_), "wb") as f:
+            f.truncate(64 << 20)
+        open(os.path.join(ctx.evil, "empty.test" + ext_), "wb").close()
     # Unprivileged-user fixtures live outside pytest's 0700 tmp tree.
     pub = tempfile.mkdtemp(prefix="alpnd-hostile-")
     os.chmod(pub, 0o755)
@@ -1076,7 +1105,8 @@ def run_one(c, build, ctx):
                 c.args or ("-t", "30" if build == "valgrind" else "2"))
         else:
             argv = wrap + [str(alpnd), "--fallback", fb.addr, "--respond", str(respond)]
-            argv += ["--acme", ab.addr] if c.mode == "acme" else ["--certs", ctx.certs]
+            argv += ["--acme", ab.addr] if c.mode == "acme" else \
+                ["--certs", ctx.evil if c.mode == "evil" else ctx.certs]
             argv += list(c.args)
             if "-t" not in c.args:
                 argv += ["-t", "30" if build == "valgrind" else "8"]
