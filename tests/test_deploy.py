@@ -413,6 +413,12 @@ def test_unit_contract():
         env = unit_env(p)
         for var in re.findall(r"\$\{?(\w+)", ent["ExecStart"]):
             assert var in env, (svc, var)
+    # the redirect commands use the socket's own side port
+    rsock = UNITS / "alpnd-redirect.socket"
+    side = unit_values(rsock, "ListenStream")[0]
+    start = unit_values(rsock, "ExecStartPost")
+    assert start == ["@SBINDIR@/alpnd-redirect add %s" % side], start
+    assert unit_values(rsock, "ExecStopPost") == ["@SBINDIR@/alpnd-redirect del"]
     # the shipped /etc/default/alpnd sets what the units read
     shipped = (CONTRIB / "default-alpnd").read_text()
     for var in ("ALPND_OPTS", "ALPND_EXIT_IDLE", "ALPND_REDIRECT_OPTS"):
@@ -1271,7 +1277,11 @@ def test_dehydrated_renewal_window(tmp_path, netns, procs):
         'ALPNCERTDIR="%s"\nBASEDIR="%s"\nCURL_OPTS="--cacert %s"\n'
         'KEYSIZE=2048\nHOOK="%s"\n'
         % (certs, base, pdir / "ca.pem", CONTRIB / "dehydrated-hook"))
-    env = dict(os.environ, SYSTEMCTL=str(st))
+    # the user's own hook, chained behind ours
+    nxt = tmp_path / "next-hook"
+    nxt.write_text('#!/bin/sh\necho "$1 $2" >> %s\n' % (tmp_path / "next"))
+    nxt.chmod(0o755)
+    env = dict(os.environ, SYSTEMCTL=str(st), ALPND_HOOK_NEXT=str(nxt))
     try:
         run(net.cmd(srv, ["dehydrated", "-f", cfg, "--register",
                           "--accept-terms"]), timeout=60, env=env)
@@ -1288,6 +1298,13 @@ def test_dehydrated_renewal_window(tmp_path, netns, procs):
     # the hook opened the window once and closed it once
     assert calls[:2] == ["start alpnd-redirect.socket",
                          "stop alpnd-redirect.socket"], calls
+    # and passed every call on to the next hook
+    # (dehydrated also calls a made-up handler: a hook must ignore those)
+    nexts = [l.split()[0] for l in (tmp_path / "next").read_text().splitlines()
+             if not l.startswith("this_hookscript_is_broken")]
+    assert nexts[0] == "startup_hook" and nexts[-1] == "exit_hook", nexts
+    assert {"deploy_challenge", "clean_challenge", "deploy_cert"} <= \
+        set(nexts), nexts
     chain = (base / "certs" / CHALLENGE / "fullchain.pem").read_text()
     leaf = run(["openssl", "x509", "-noout", "-issuer", "-ext",
                 "subjectAltName"], input=chain).stdout
