@@ -943,6 +943,41 @@ def test_listen_unit(tmp_path, procs, backend):
     assert pids == {str(p.pid)}, logf.read_text()
 
 
+def test_readme_checks_by_hand(tmp_path, procs, backend):
+    """The commands in README's "Checking a setup by hand", as printed
+    there (host and port substituted), against alpnd with a certificate
+    made by the command the README gives."""
+    text = (ROOT / "README.md").read_text()
+    sect = text.split("## Checking a setup by hand", 1)[1].split("\n## ", 1)[0]
+    make = re.search(r"`(alpnd-respond --certs DIR --make example.org \S+)`",
+                     sect).group(1)
+    block = re.search(r"```sh\n(.*?)```", sect, re.S).group(1)
+    cmds = [c.replace("\\\n", " ") for c in
+            re.split(r"\n(?=\S)", block.strip())]
+    assert len(cmds) == 2 and cmds[0].startswith("gnutls-cli") and \
+        cmds[1].startswith("openssl s_client"), cmds
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    run(shlex.split(make.replace("alpnd-respond", str(RESPOND))
+                    .replace("DIR", str(certs))))
+    port = free_port()
+    sa = procs.start(["systemd-socket-activate", "-l", port, "-a", "--inetd",
+                      "--", ALPND, "--fallback", "127.0.0.1:%d" % backend.port,
+                      "--certs", certs, "--respond", RESPOND],
+                     stderr=subprocess.DEVNULL)
+    wait_listen(port, proc=sa)
+    outs = []
+    for c in cmds:
+        c = c.replace("example.org:443", "127.0.0.1:%d" % port)
+        r = run(["sh", "-c", c], timeout=30, check=False)
+        outs.append(r.stdout + r.stderr)
+    assert "Application protocol: acme-tls/1" in outs[0], outs[0]
+    assert "unknown critical extension" in outs[0], outs[0]
+    assert re.search(r"1\.3\.6\.1\.5\.5\.7\.1\.31: critical", outs[1]), \
+        outs[1]
+    assert "DNS:example.org" in outs[1], outs[1]
+
+
 # ------------------------------------------------------- make install
 
 # `make install` depends on `all`: never rebuild the programs that the
