@@ -469,7 +469,8 @@ def run_connection(argv, script, run, env, preexec=None, family="tcp4",
     client script, wait for the process.  stdio: "pipe" (stdout /dev/null,
     stderr captured), "stdout" (fd 1 is the socket too), "socket" (fds 0,
     1 and 2 are the socket: inetd without an error stream), "closed" (fd 2
-    closed, as some launchers leave it)."""
+    closed, as some launchers leave it), "brokenpipe" (fd 2 a pipe nobody
+    reads any more)."""
     host = "::1" if family == "tcp6" else "127.0.0.1"
     fam = socket.AF_INET6 if family == "tcp6" else socket.AF_INET
     ls = socket.socket(fam, socket.SOCK_STREAM)
@@ -485,9 +486,17 @@ def run_connection(argv, script, run, env, preexec=None, family="tcp4",
     t0 = time.monotonic()
     if stdio == "closed":
         preexec = _close_stderr(preexec)
+    errw = subprocess.PIPE
+    if stdio == "socket":
+        errw = ss
+    elif stdio == "brokenpipe":         # the log reader went away: EPIPE
+        r, errw = os.pipe()
+        os.close(r)
     p = spawn(argv, ss, env, preexec,
               stdout=ss if stdio in ("stdout", "socket") else subprocess.DEVNULL,
-              stderr=ss if stdio == "socket" else subprocess.PIPE)
+              stderr=errw)
+    if stdio == "brokenpipe":
+        os.close(errw)
     ss.close()
     run.pid = p.pid
     err = []

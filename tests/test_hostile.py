@@ -403,6 +403,18 @@ case("inetd_stderr_is_socket", _h, route="fallback", stdio="socket")
 case("inetd_stderr_is_socket_respond", acme_hello(sni=b"nosuch.test"), mode="certs",
      stdio="socket", rc=EX_DATAERR, route=None,
      down=H.record(b"\x02\x70", ctype=H.CT_ALERT, version=H.TLS12))
+# The log reader died (multilog, a logger pipe): writing the log line must
+# not kill the process with SIGPIPE, in any outcome.
+SIGPIPE_BUG = ("alpnd ignores SIGPIPE only once a relay starts: a log line written to a "
+               "dead stderr pipe kills it (drops, timeouts, and before the responder exec)")
+case("stderr_broken_pipe_relay", _h, route="fallback", stdio="brokenpipe")
+bad("stderr_broken_pipe_bad_hello", acme_hello(extra=[H.ext(H.EXT_ALPN, H.alpn_data(b"h2"))]),
+    stdio="brokenpipe", log=(), xfail=SIGPIPE_BUG)
+case("stderr_broken_pipe_timeout", script=[("sleep", HT + 3)], stdio="brokenpipe",
+     xfail=SIGPIPE_BUG, **dict(DL, log=()))
+case("stderr_broken_pipe_respond", acme_hello(sni=b"nosuch.test"), mode="certs",
+     stdio="brokenpipe", rc=EX_DATAERR, route=None, xfail=SIGPIPE_BUG,
+     down=H.record(b"\x02\x70", ctype=H.CT_ALERT, version=H.TLS12))
 # A launcher that leaves fd 2 closed: the first socket alpnd opens becomes
 # fd 2, and log lines must not be written into it (here: the backend's).
 case("stderr_closed_log_not_relayed", presend=_h,
