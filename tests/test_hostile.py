@@ -415,6 +415,9 @@ case("stderr_broken_pipe_timeout", script=[("sleep", HT + 3)], stdio="brokenpipe
 case("stderr_broken_pipe_respond", acme_hello(sni=b"nosuch.test"), mode="certs",
      stdio="brokenpipe", rc=EX_DATAERR, route=None, xfail=SIGPIPE_BUG,
      down=H.record(b"\x02\x70", ctype=H.CT_ALERT, version=H.TLS12))
+case("respond_broken_pipe", acme_hello(sni=b"nosuch.test"), mode="respond",
+     stdio="brokenpipe", rc=EX_DATAERR, route=None,
+     down=H.record(b"\x02\x70", ctype=H.CT_ALERT, version=H.TLS12))
 # A launcher that leaves fd 2 closed: the first socket alpnd opens becomes
 # fd 2, and log lines must not be written into it (here: the backend's).
 case("stderr_closed_log_not_relayed", presend=_h,
@@ -471,6 +474,12 @@ for _l, _n, _why in (("symlink", "example.test", r"(?i)symbolic link|symlink|too
                      ("64mib_file", "huge.test", r"(?i)size|large|bytes"),
                      ("empty_file", "empty.test", r"(?i)size|empty|bytes")):
     rejected("certs_dir_%s_refused" % _l, acme_hello(sni=_n.encode()), _why, **E_)
+# PROXY header, then a real validation: the header is consumed before the
+# exec, and the responder's log line names the client from the header.
+case("proxy_then_certs_served", script=[("send", H.proxy_v2(src="192.0.2.77")),
+                                        ("tls", NAME, ["acme-tls/1"])],
+     served=NAME, route=None, args=P, log=(r"alpnd-respond\[\d+\]: 192\.0\.2\.77",),
+     xfail="alpnd-respond reads ALPND_CLIENT for the PROXY client, alpnd never sets it", **C)
 case("certs_client_stalls_mid_handshake",
      script=[("send", acme_hello(versions=(H.TLS12,))), ("flight", 3), ("fds",),
              ("sleep", HT + 3)],
