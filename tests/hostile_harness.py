@@ -471,15 +471,23 @@ def run_connection(argv, script, run, env, preexec=None, family="tcp4",
     1 and 2 are the socket: inetd without an error stream), "closed" (fd 2
     closed, as some launchers leave it), "brokenpipe" (fd 2 a pipe nobody
     reads any more)."""
-    host = "::1" if family == "tcp6" else "127.0.0.1"
-    fam = socket.AF_INET6 if family == "tcp6" else socket.AF_INET
-    ls = socket.socket(fam, socket.SOCK_STREAM)
-    ls.bind((host, 0))
-    ls.listen(1)
-    cs = socket.create_connection(ls.getsockname()[:2])
-    cs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    ss, _ = ls.accept()
-    ls.close()
+    if family == "unix":            # a unix stream client (socketpair)
+        cs, ss = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        # "mapped": an IPv4 client on a dual-stack IPv6 listener, as with
+        # systemd's ListenStream=443: the peer is ::ffff:127.0.0.1
+        host = {"tcp6": "::1", "mapped": "::"}.get(family, "127.0.0.1")
+        fam = socket.AF_INET6 if family in ("tcp6", "mapped") else socket.AF_INET
+        ls = socket.socket(fam, socket.SOCK_STREAM)
+        if family == "mapped":
+            ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        ls.bind((host, 0))
+        ls.listen(1)
+        port = ls.getsockname()[1]
+        cs = socket.create_connection(("127.0.0.1" if family == "mapped" else host, port))
+        cs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ss, _ = ls.accept()
+        ls.close()
     if presend:             # already queued when the process starts
         cs.sendall(presend)
         run.client_sent += len(presend)

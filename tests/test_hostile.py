@@ -345,6 +345,18 @@ case("accept_v2_local_send_v2", H.proxy_v2(cmd=H.V2_LOCAL, fam=H.V2_UNSPEC) + _h
      route="fallback", args=P + ("--send-proxy", "v2"),
      consumed=len(H.proxy_v2(cmd=H.V2_LOCAL, fam=H.V2_UNSPEC)),
      send_proxy=dict(version=2, family="TCP4", src="127.0.0.1"))
+case("send_proxy_v1_unix_client", _h, route="fallback", args=("--send-proxy", "v1"), family="unix",
+     send_proxy=dict(version=1, family="UNKNOWN"))
+case("send_proxy_v2_unix_client", _h, route="fallback", args=("--send-proxy", "v2"), family="unix",
+     send_proxy=dict(version=2, cmd=H.V2_LOCAL, family="UNKNOWN"))
+case("send_proxy_v1_mapped_ipv4", _h, route="fallback", args=("--send-proxy", "v1"),
+     family="mapped", send_proxy=dict(version=1, family="TCP4", src="127.0.0.1"),
+     log=(r"alpnd\[\d+\]: 127\.0\.0\.1:",))
+case("send_proxy_v2_mapped_ipv4", _h, route="fallback", args=("--send-proxy", "v2"),
+     family="mapped", send_proxy=dict(version=2, family="TCP4", src="127.0.0.1"))
+case("accept_proxy_from_unix_client", H.proxy_v1(src="192.0.2.8") + _h, route="fallback",
+     args=P + ("--send-proxy", "v2"), family="unix", consumed=len(H.proxy_v1(src="192.0.2.8")),
+     send_proxy=dict(version=2, family="TCP4", src="192.0.2.8"))
 case("send_proxy_not_to_acme", acme_hello(), route="acme", args=("--send-proxy", "v2"))
 
 # === backends that refuse, reset, black-hole, close early =============================
