@@ -288,6 +288,10 @@ proxy_bad("proxy_v1_lf_only", b"PROXY TCP4 192.0.2.1 198.51.100.2 1 2\n")
 proxy_bad("proxy_v1_bad_ip", H.proxy_v1(src="999.0.2.1"))
 proxy_bad("proxy_v1_port_65536", H.proxy_v1(sport=65536))
 proxy_bad("proxy_v1_wrong_family", H.proxy_v1("TCP4", "2001:db8::1", "2001:db8::2"))
+proxy_bad("proxy_v1_tcp6_with_ipv4", H.proxy_v1("TCP6"))
+proxy_bad("proxy_v2_tcp4_with_tcp6_block",
+          H.proxy_v2(fam=H.V2_TCP4, addr=H.proxy_v2(fam=H.V2_TCP6, src="2001:db8::1",
+                                                     dst="2001:db8::2")[16:]))
 proxy_bad("proxy_v1_nul", b"PROXY TCP4 192.0.2.1\x00 198.51.100.2 1 2\r\n")
 proxy_bad("proxy_v1_truncated_eof", b"PROXY TCP4 192.0.2.1 ", script=[
     ("send", b"PROXY TCP4 192.0.2.1 "), ("shut",), ("read", 3)])
@@ -366,6 +370,12 @@ case("fallback_syn_blackhole", _h, fallback=dict(behaviour="synblock"), rc=RC_UN
      route=None, args=T, tmin=HT - 0.05, tmax=HT + 2.5, log=(r"timed out",))
 case("acme_backend_refuses", acme_hello(), acme=dict(behaviour="refuse"), rc=RC_UNAVAIL,
      route=None, tmax=3.0)
+case("acme_backend_syn_blackhole", acme_hello(), acme=dict(behaviour="synblock"),
+     rc=RC_UNAVAIL, route=None, args=T, tmin=HT - 0.05, tmax=HT + 2.5, log=(r"timed out",))
+case("acme_backend_resets", acme_hello(), acme=dict(behaviour="reset"),
+     rc=RC_RELAY_BROKEN + (EX_UNAVAILABLE,), route="acme", up=None, down=b"")
+case("acme_backend_closes_early", acme_hello(), acme=dict(behaviour="close"),
+     rc=RC_RELAY_BROKEN + (EX_UNAVAILABLE,), route="acme", up=None, down=b"")
 case("unix_fallback_missing", _h, fallback=dict(behaviour="refuse", unix=True), rc=RC_UNAVAIL,
      route=None, tmax=3.0)
 case("unix_fallback", _h, fallback=dict(unix=True), route="fallback")
