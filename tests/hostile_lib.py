@@ -112,8 +112,9 @@ def default_extensions(sni=b"example.test", alpn=(ACME,),
         exts.append(ext(EXT_VERSIONS, versions_data(*versions)))
         if TLS13 in versions:
             exts.append(ext(EXT_PSK_MODES, vec8(b"\x01")))
-            if key_share:
-                exts.append(ext(EXT_KEY_SHARE, key_share_data()))
+            if key_share:       # True: a random X25519 share; bytes: that key
+                exts.append(ext(EXT_KEY_SHARE, key_share_data(
+                    key=key_share if isinstance(key_share, bytes) else None)))
     return exts
 
 

@@ -229,6 +229,40 @@ bad("sni_two_host_names", acme_hello(sni=None, extra=[H.ext(H.EXT_SNI, H.sni_dat
 bad("sni_name_type_1", acme_hello(sni=None, extra=[H.ext(H.EXT_SNI, H.sni_data(b"a.test", name_type=1))]))
 bad("sni_list_len_lies", acme_hello(sni=None, extra=[H.ext(H.EXT_SNI, H.sni_data(b"a.test", list_len=3))]))
 
+# === seeded mutants of a valid hello: routed intact (0) or dropped (65) ===
+def _mutants(n, seed=8737):
+    import random
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        base = bytearray(acme_hello(size=rng.choice([16384, 100, 7]), random=b"\x01" * 32,
+                                    session_id=b"\x02" * 32, key_share=b"\x03" * 32))
+        how = rng.choice(["flip", "flip3", "truncate", "insert", "dup", "len", "zero"])
+        if how.startswith("flip"):
+            for _ in range(1 if how == "flip" else 3):
+                base[rng.randrange(len(base))] ^= 1 << rng.randrange(8)
+        elif how == "truncate":
+            del base[rng.randrange(1, len(base)):]
+        elif how == "insert":
+            at = rng.randrange(len(base))
+            base[at:at] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 9)))
+        elif how == "dup":
+            a_ = rng.randrange(len(base))
+            b_ = rng.randrange(a_, min(len(base), a_ + 40) + 1)
+            base[b_:b_] = base[a_:b_]
+        elif how == "len":
+            at = rng.randrange(len(base) - 1)
+            base[at:at + 2] = rng.choice([b"\xff\xff", b"\x00\x00", b"\x40\x01"])
+        else:
+            at = rng.randrange(len(base))
+            base[at:at + rng.randrange(1, 16)] = bytes(16)
+        out.append(("mutant_%02d_%s" % (i, how), bytes(base)))
+    return out
+
+
+for _name, _p in _mutants(40):
+    case(_name, _p, route="any", rc=(EX_OK, EX_DATAERR))
+
 # === ALPN ======================================================================
 bad("alpn_empty_list", hello(alpn=None, extra=[H.ext(H.EXT_ALPN, H.u16(0))]))
 bad("alpn_empty_extension", hello(alpn=None, extra=[H.ext(H.EXT_ALPN, b"")]))
@@ -1013,12 +1047,18 @@ def evaluate(c, build, ctx, run, fb, ab):
     # route: which backend was connected
     nf, na = len(fb.conns) if fb else 0, len(ab.conns) if ab else 0
     got_route = {(1, 0): "fallback", (0, 1): "acme", (0, 0): None}.get((nf, na), "both/many")
-    if got_route != c.route:
+    if c.route == "any":
+        # property cases: routed with the bytes intact and exit 0, or
+        # dropped with 65 - never anything else
+        ok = {"fallback": (EX_OK,), "acme": (EX_OK,), None: (EX_DATAERR,)}
+        if got_route not in ok or run.rc not in ok[got_route]:
+            f.append("route %r with exit %r" % (got_route, run.rc))
+    elif got_route != c.route:
         f.append("route %r (fallback %d, acme %d), expected %r" % (got_route, nf, na, c.route))
     conn = None
-    if c.route == "fallback" and nf:
+    if c.route in ("fallback", "any") and nf:
         conn = fb.conns[0]
-    if c.route == "acme" and na:
+    if c.route in ("acme", "any") and na:
         conn = ab.conns[0]
     payload = c.payload
     if conn is not None:
@@ -1058,11 +1098,12 @@ def evaluate(c, build, ctx, run, fb, ab):
                 f.append("a backend connection stayed open (%r)" % cn.end)
     down = c.down(ctx) if callable(c.down) else c.down
     if down == "default":
-        down = REPLY if c.route in ("fallback", "acme") else None
+        down = REPLY if c.route in ("fallback", "acme") or (c.route == "any" and conn) else None
     if down is not None and run.client_got != down:
         f.append("client got %d bytes %r, expected %r" % (len(run.client_got), run.client_got[:60],
                                                           down[:60]))
-    if c.route is not None and build != "valgrind" and c.stdio == "pipe" and not re.search(r" %s " % c.route, run.stderr):
+    if c.route not in (None, "any") and build != "valgrind" and c.stdio == "pipe" and \
+            not re.search(r" %s " % c.route, run.stderr):
         f.append("no log line with route %r" % c.route)
     for rx in c.log:
         if not re.search(rx, run.stderr):
