@@ -16,6 +16,7 @@
  */
 #include <sys/types.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -1596,6 +1597,7 @@ main(int argc, char *argv[])
 	q_relay.timeout = idle_timeout;
 
 	if (acc) {
+		struct rlimit rl;
 		sigset_t set;
 
 		use_syslog = stderr_is_conn(fd);
@@ -1603,6 +1605,11 @@ main(int argc, char *argv[])
 			openlog("alpnd", LOG_PID, LOG_DAEMON);
 		listening = 1;
 		lfd = fd;
+		/* Up to six descriptors a relay: take what we may have. */
+		if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+			rl.rlim_cur = rl.rlim_max;
+			(void)setrlimit(RLIMIT_NOFILE, &rl);
+		}
 		(void)fcntl(lfd, F_SETFD, FD_CLOEXEC);
 		/*
 		 * accept_some() loops until EAGAIN; systemd (without

@@ -54,7 +54,8 @@ Fixtures
                host="127.0.0.1") -> Activated: runs ALPND under
                systemd-socket-activate: "inetd" = --accept --inetd (fd 0),
                "fds" = --accept (LISTEN_FDS, fd 3), "listen" = no --accept
-               (listening-socket mode).  .port, .log (path of the combined
+               (listening-socket mode); prefix=[...] runs it under a
+               wrapper (e.g. prlimit).  .port, .log (path of the combined
                stderr), .lines() (alpnd log lines parsed), .proc.
   alpnd_cmd    function: alpnd_cmd(*args) -> [ALPND, *args]
 """
@@ -505,14 +506,14 @@ def activate(procs):
     if shutil.which("systemd-socket-activate") is None:
         pytest.fail("systemd-socket-activate missing: run tests/deps check")
 
-    def start(args, mode="inetd", host="127.0.0.1", env=None):
+    def start(args, mode="inetd", host="127.0.0.1", env=None, prefix=()):
         a = Activated()
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         a.port = free_port(fam)
         a.host = host
         listen = ("[%s]:%d" if fam == socket.AF_INET6 else "%s:%d") \
             % (host, a.port)
-        argv = ["systemd-socket-activate", "-l", listen]
+        argv = list(prefix) + ["systemd-socket-activate", "-l", listen]
         if mode == "inetd":
             argv += ["--accept", "--inetd"]
         elif mode == "fds":

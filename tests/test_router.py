@@ -410,9 +410,14 @@ c.shutdown(socket.SHUT_WR)
     assert line["result"] == "ok"
 
 
-def test_200_concurrent_relays(activate, echo_backend):
+@pytest.mark.parametrize("mode", ["inetd", "listen"])
+def test_200_concurrent_relays(activate, echo_backend, mode):
+    """200 relays open at once: 200 processes, or one listening-mode
+    process holding 1200 descriptors (more than a default soft limit)."""
     b = echo_backend("echo")
-    a = activate(["--fallback", b.addr, "--acme", "127.0.0.1:9", "-q"])
+    a = activate(["--fallback", b.addr, "--acme", "127.0.0.1:9", "-q",
+                  "--exit-idle", "30"], mode=mode,
+                 prefix=["prlimit", "--nofile=1024:8192", "--"])
     socks = []
     payloads = []
     for k in range(200):
