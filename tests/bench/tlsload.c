@@ -18,7 +18,9 @@
  *   tlsload hold  -p PORT -n N [-u PATH]
  *	open N TLS connections, one keep-alive request each, print
  *	"ready N", hold them until stdin reaches EOF.
- *   tlsload spawn -n N -- PROG ARGS...
+ *   tlsload cpuid
+ *	the cost of one CPUID instruction (traps to the hypervisor in a VM).
+ *   tlsload spawn -n N -- PROG ARGS... [:: PROG ARGS...]...
  *	inetd-style spawn benchmark: per iteration a loopback connection
  *	carrying a ClientHello is accepted, PROG is fork+exec'd with it on
  *	fd 0 and 1, the client reads to EOF, the child is reaped with
@@ -617,6 +619,34 @@ do_spawn(int iters, char **argv)
 	return 0;
 }
 
+/*
+ * The cost of one CPUID instruction: glibc runs a few dozen at every
+ * program start (cpu features, cache sizes); in a VM each one traps to the
+ * hypervisor, which is what a per-connection exec pays for that.
+ */
+static int
+do_cpuid(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	unsigned int a, b, c, d, sink = 0;
+	double t0;
+	int i, n = 2000;
+
+	t0 = now();
+	for (i = 0; i < n; i++) {
+		__asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d)
+		    : "a"(2), "c"(0));
+		sink += a;
+	}
+	printf("{\"cpuid_us\": %.3f, \"sink\": %u}\n",
+	    (now() - t0) / n * 1e6, sink & 1);
+	return 0;
+#else
+	printf("{}\n");
+	return 0;
+#endif
+}
+
 static void
 usage(void)
 {
@@ -663,6 +693,8 @@ main(int argc, char *argv[])
 		do_source(file, bytes);
 		return 1;
 	}
+	if (strcmp(mode, "cpuid") == 0)
+		return do_cpuid();
 	if (strcmp(mode, "spawn") == 0 && optind < argc)
 		return do_spawn(count, argv + optind);
 	usage();
