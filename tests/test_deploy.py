@@ -1352,3 +1352,357 @@ def test_dehydrated_renewal_window(tmp_path, netns, procs):
     assert net.sh(srv, "nft list ruleset").stdout.strip() == ""
     assert not listening(side, srv)
     assert sorted(os.listdir(certs)) == []
+
+
+# ----------------------------- the units under a real systemd (nspawn)
+
+class Container:
+    """A throw-away systemd machine: the host's /usr (read-only), a copy of
+    its /etc with nothing enabled, `make install` output on /usr/local and
+    in /etc, booted with systemd-nspawn inside a network namespace of its
+    own (the host side of the container's veth lives there, not on the
+    host)."""
+
+    def __init__(self, tmp, procs, dest):
+        tag = uuid.uuid4().hex[:6]
+        self.ns = "alpnd-%s-n" % tag
+        self.name = "alpnd%s" % tag
+        self.root = root = tmp / "root"
+        self.procs = procs
+        for d in ("usr", "var/tmp", "tmp", "run", "root", "proc", "sys",
+                  "dev", "home"):
+            (root / d).mkdir(parents=True)
+        for l in ("bin", "sbin", "lib", "lib64"):
+            if os.path.exists("/" + l):
+                (root / l).symlink_to("usr/" + l)
+        run(["cp", "-a", "/etc", str(root)])
+        (root / "etc/os-release").unlink()
+        shutil.copy("/usr/lib/os-release", root / "etc/os-release")
+        (root / "etc/machine-id").write_text("")
+        self.marker = uuid.uuid4().hex
+        (root / "etc/alpnd-test-machine").write_text(self.marker)
+        for wants in ("multi-user.target.wants", "timers.target.wants",
+                      "getty.target.wants", "sockets.target.wants"):
+            shutil.rmtree(root / "etc/systemd/system" / wants,
+                          ignore_errors=True)
+        run(["cp", "-a", str(dest / "etc") + "/.", str(root / "etc")])
+        run(["ip", "netns", "add", self.ns])
+        self.nspawn = None
+        try:
+            self._boot(tmp, procs, dest)
+        except BaseException:
+            self.close()
+            raise
+
+    def _boot(self, tmp, procs, dest):
+        root = self.root
+        self.log = tmp / "container.log"
+        # nspawn's scratch space on a tmpfs of its own (it refuses to clean
+        # up on a disk file system); the network namespace entered with
+        # nsenter, which, unlike `ip netns exec`, keeps /sys and its
+        # cgroup mounts.
+        script = ("mkdir -p /run/systemd/nspawn && "
+                  "mount -t tmpfs tmpfs /run/systemd/nspawn && "
+                  "exec nsenter --net=/run/netns/%s "
+                  "systemd-nspawn --register=no --keep-unit -q "
+                  "-D %s -M %s --bind-ro=/usr --bind-ro=%s:/usr/local "
+                  "--network-veth -b --console=pipe"
+                  % (self.ns, root, self.name, dest / "usr/local"))
+        self.nspawn = procs.start(["unshare", "-m", "--propagation",
+                                   "private", "sh", "-c", script],
+                                  stdout=open(self.log, "w"),
+                                  stderr=subprocess.STDOUT)
+        self.pid = None
+        end = time.monotonic() + 90
+        state = ""
+        while time.monotonic() < end:
+            assert self.nspawn.poll() is None, self.log.read_text()[-2000:]
+            if self.pid is None:
+                self.pid = self._machine_pid()
+            if self.pid:
+                state = self.sh("systemctl is-system-running",
+                                check=False).stdout.strip()
+                if state in ("running", "degraded"):
+                    break
+            time.sleep(0.2)
+        assert state in ("running", "degraded"), (state,
+                                                  self.log.read_text()[-2000:])
+        veth = re.search(r"\d+: (ve-[^@:]+)", run(
+            ["ip", "netns", "exec", self.ns, "ip", "-o", "link"]).stdout)
+        assert veth, "no veth"
+        for c in ("ip link set %s up" % veth.group(1),
+                  "ip addr add 10.205.0.1/24 dev %s" % veth.group(1),
+                  "ip -6 addr add fd00:a3::1/64 dev %s nodad" % veth.group(1)):
+            self.host(c)
+        self.sh("ip link set host0 up && ip addr add 10.205.0.2/24 dev host0 "
+                "&& ip -6 addr add fd00:a3::2/64 dev host0 nodad")
+
+    def _machine_pid(self):
+        """The machine's PID 1: a child of nspawn whose root is ours."""
+        kids = pathlib.Path("/proc/%d/task/%d/children" % (
+            self.nspawn.pid, self.nspawn.pid))
+        try:
+            pids = [int(k) for k in kids.read_text().split()]
+        except OSError:
+            return None
+        for pid in pids:
+            if self._is_machine(pid):
+                return pid
+        return None
+
+    def _is_machine(self, pid):
+        """Does pid see the machine's root (our marker in its /etc)?"""
+        try:
+            with open("/proc/%d/root/etc/alpnd-test-machine" % pid) as f:
+                return f.read() == self.marker
+        except OSError:
+            return False
+
+    def sh(self, script, check=True, timeout=60):
+        """Run a shell script inside the container, never on the host:
+        the target must be a process whose root is the machine's."""
+        assert self.pid and self._is_machine(self.pid), \
+            "not the container: %r" % self.pid
+        return run(["nsenter", "-t", str(self.pid), "-a", "sh", "-c",
+                    script], check=check, timeout=timeout)
+
+    def host(self, line, check=True, timeout=60, **kw):
+        """Run a command on the container's outside (its network namespace)."""
+        return run(["ip", "netns", "exec", self.ns] + shlex.split(line),
+                   check=check, timeout=timeout, **kw)
+
+    def close(self):
+        if self.nspawn is not None and self.nspawn.poll() is None:
+            self.nspawn.terminate()  # nspawn halts the machine
+            try:
+                self.nspawn.wait(30)
+            except subprocess.TimeoutExpired:
+                self.nspawn.kill()
+                self.nspawn.wait(10)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True,
+                       timeout=30)
+        # the machine's root holds a copy of the host's /etc
+        if self.nspawn is None or self.nspawn.poll() is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+CT_CLIENT = r'''
+import socket, ssl, sys
+host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["acme-tls/1"] if mode == "acme" else ["http/1.1"])
+t = ctx.wrap_socket(socket.create_connection((host, port), timeout=10),
+                    server_hostname="www.example.test")
+if mode == "acme":
+    print(t.selected_alpn_protocol(), t.getpeercert(True).hex())
+    sys.exit(0)
+def get():
+    t.sendall(b"GET / HTTP/1.1\r\nHost: www.example.test\r\n\r\n")
+    d = b""
+    while b"\n" not in d.partition(b"\r\n\r\n")[2]:
+        b = t.recv(4096)
+        if not b:
+            raise EOFError(d)
+        d += b
+    return d.partition(b"\r\n\r\n")[2].decode().strip()
+if mode == "get":
+    print(get())
+else:                   # held: one answer per line read
+    for line in sys.stdin:
+        print(get(), flush=True)
+'''
+
+
+def test_units_under_systemd(tmp_path, procs):
+    """The installed units in a real systemd (systemd-nspawn): permanent
+    mode (alpnd.socket, nginx on 127.0.0.1:8443 with contrib's PROXY
+    snippet), the hardened instance's credentials, then the renewal window
+    with systemctl, and a dehydrated renewal through contrib's hook with
+    pebble validating from outside the machine."""
+    if os.geteuid() != 0:
+        pytest.skip(ROOT_ONLY)
+    for tool in ("systemd-nspawn", "nsenter", "unshare", "nginx", "pebble",
+                 "pebble-challtestsrv", "dehydrated"):
+        if shutil.which(tool) is None:
+            pytest.fail("%s is not installed (tests/deps check)" % tool)
+    dest = tmp_path / "dest"
+    run(["make", "-s"] + NO_REBUILD + ["install", "DESTDIR=%s" % dest,
+         "SYSTEMDUNITDIR=/etc/systemd/system", "PREFIX=/usr/local"],
+        cwd=ROOT, timeout=120)
+    ct = Container(tmp_path, procs, dest)
+    try:
+        _units_under_systemd(ct, tmp_path, procs)
+    finally:
+        ct.close()
+
+
+def _units_under_systemd(ct, tmp_path, procs):
+    client = tmp_path / "ct-client.py"
+    client.write_text(CT_CLIENT)
+
+    def ask(host, mode="get"):
+        r = ct.host("%s %s %s 443 %s" % (PY, client, host, mode),
+                    check=False)
+        return (r.stdout + r.stderr).strip()
+
+    # Permanent mode, as README's steps 1-3.
+    ct.sh(r"""
+set -e
+groupadd --system alpnd-certs
+install -d -m 2750 -g alpnd-certs /var/lib/dehydrated/alpn-certs
+alpnd-respond --certs /var/lib/dehydrated/alpn-certs \
+    --make www.example.test token.thumbprint
+mkdir -p /etc/ssl/example.org /var/www/html /var/log/nginx /var/lib/nginx
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -days 2 -subj /CN=example.org -keyout /etc/ssl/example.org/privkey.pem \
+    -out /etc/ssl/example.org/fullchain.pem 2>/dev/null
+echo "nginx behind alpnd" > /var/www/html/index.html
+cp /usr/local/share/doc/alpnd/examples/nginx-backend.conf /etc/nginx/conf.d/
+sed -i 's|access_log /var/log/nginx/access.log;|log_format who "$remote_addr $server_port"; access_log /var/log/nginx/access.log who;|' /etc/nginx/nginx.conf
+systemctl start nginx
+systemctl start alpnd.socket
+""")
+    cert = ct.sh("cat /var/lib/dehydrated/alpn-certs/www.example.test.crt.pem"
+                 ).stdout
+    want = ssl.PEM_cert_to_DER_cert(cert).hex()
+    assert ask("10.205.0.2") == "nginx behind alpnd"
+    assert ask("fd00:a3::2") == "nginx behind alpnd"
+    assert ask("10.205.0.2", "acme") == "acme-tls/1 " + want
+    log = ct.sh("cat /var/log/nginx/access.log").stdout.split("\n")
+    assert log[:2] == ["10.205.0.1 8443", "fd00:a3::1 8443"], log
+    # the instance's credentials: transient user, the certs group, no
+    # capabilities, no new privileges, a seccomp filter, stderr not the
+    # connection
+    held = procs.start(["ip", "netns", "exec", ct.ns, PY, "-c",
+                        "import socket,sys; s=socket.create_connection("
+                        "('10.205.0.2',443)); sys.stdin.read()"],
+                       stdin=subprocess.PIPE)
+    status = ""
+    end = time.monotonic() + 10
+    while time.monotonic() < end and "Uid" not in status:
+        status = ct.sh("for p in $(pgrep -x alpnd); do cat /proc/$p/status; "
+                       "ls -l /proc/$p/fd/0 /proc/$p/fd/2; done",
+                       check=False).stdout
+        time.sleep(0.1)
+    held.stdin.close()
+    procs.stop(held)
+    gid = ct.sh("getent group alpnd-certs | cut -d: -f3").stdout.strip()
+    f = dict(re.findall(r"^(\w+):\s*(.*)$", status, re.M))
+    assert f["Uid"].split()[0] != "0", status
+    assert gid in f["Groups"].split(), status
+    assert int(f["CapEff"], 16) == 0 and int(f["CapBnd"], 16) == 0, status
+    assert f["NoNewPrivs"] == "1" and f["Seccomp"] == "2", status
+    fd0, fd2 = re.findall(r"-> (socket:\[\d+\])", status)[:2]
+    assert fd0 != fd2, status  # stderr is the journal, not the client
+    j = ct.sh("journalctl --no-pager -t alpnd -t alpnd-respond").stdout
+    assert re.search(r"alpnd-respond\[\d+\]: 10\.205\.0\.1:\d+ "
+                     r"www\.example\.test ok ", j), j
+
+    # The renewal window: nginx back on 443, alpnd.socket off.
+    ct.sh(r"""
+set -e
+systemctl stop alpnd.socket
+cat > /etc/nginx/conf.d/direct.conf <<'EOF'
+server {
+	listen 443 ssl; listen [::]:443 ssl;
+	ssl_certificate /etc/ssl/example.org/fullchain.pem;
+	ssl_certificate_key /etc/ssl/example.org/privkey.pem;
+	keepalive_timeout 120s;
+	location / { return 200 "nginx direct $remote_addr\n"; }
+}
+EOF
+systemctl reload nginx
+""")
+    end = time.monotonic() + 10
+    while ask("10.205.0.2") != "nginx direct 10.205.0.1":
+        assert time.monotonic() < end, ask("10.205.0.2")
+        time.sleep(0.1)
+    held = procs.start(["ip", "netns", "exec", ct.ns, PY, client,
+                        "10.205.0.2", "443", "held"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       text=True)
+
+    def held_get():
+        held.stdin.write("get\n")
+        held.stdin.flush()
+        ready, _, _ = select.select([held.stdout], [], [], 10)
+        assert ready, "held connection: no answer"
+        return held.stdout.readline().strip()
+
+    assert held_get() == "nginx direct 10.205.0.1"
+    ct.sh("systemctl start alpnd-redirect.socket && "
+          "systemctl start alpnd-redirect.socket")
+    rules = ct.sh("nft list ruleset").stdout
+    assert rules.count("redirect to :") == 1, rules
+    assert ask("10.205.0.2") == "nginx direct 127.0.0.1"
+    assert ask("fd00:a3::2") == "nginx direct 127.0.0.1"
+    assert ask("fd00:a3::2", "acme") == "acme-tls/1 " + want
+    assert held_get() == "nginx direct 10.205.0.1"
+    ct.sh("systemctl stop alpnd-redirect.socket && "
+          "systemctl stop alpnd-redirect.socket")
+    assert ct.sh("nft list ruleset").stdout.strip() == ""
+    assert ask("10.205.0.2") == "nginx direct 10.205.0.1"
+    assert held_get() == "nginx direct 10.205.0.1"
+    held.stdin.close()
+    procs.stop(held)
+
+    # dehydrated --cron with contrib's hook and the real systemctl; pebble
+    # and its DNS outside the machine.
+    pdir = tmp_path / "pebble"
+    pdir.mkdir()
+    openssl_ca_and_leaf(pdir, "10.205.0.1")
+    (pdir / "config.json").write_text(
+        '{"pebble": {"listenAddress": "10.205.0.1:14000", '
+        '"managementListenAddress": "127.0.0.1:15000", '
+        '"certificate": "%s", "privateKey": "%s", "httpPort": 80, '
+        '"tlsPort": 443, "ocspResponderURL": "", '
+        '"externalAccountBindingRequired": false}}'
+        % (pdir / "cert.pem", pdir / "key.pem"))
+    ct.host("ip link set lo up")
+    dns = procs.start(["ip", "netns", "exec", ct.ns, "pebble-challtestsrv",
+                       "-dns01", "127.0.0.1:8053", "-management",
+                       "127.0.0.1:8055", "-http01", "", "-https01", "",
+                       "-tlsalpn01", "", "-defaultIPv4", "10.205.0.2",
+                       "-defaultIPv6", "fd00:a3::2"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listen(8053, ct.ns, dns)
+    peb = procs.start(["ip", "netns", "exec", ct.ns, "pebble", "-config",
+                       pdir / "config.json", "-dnsserver", "127.0.0.1:8053"],
+                      env=dict(os.environ, PEBBLE_VA_NOSLEEP="1",
+                               PEBBLE_WFE_NONCEREJECT="0",
+                               PEBBLE_AUTHZREUSE="0"),
+                      stdout=open(pdir / "pebble.log", "w"),
+                      stderr=subprocess.STDOUT)
+    wait_listen(14000, ct.ns, peb)
+    shutil.copy(pdir / "ca.pem", ct.root / "root/pebble-ca.pem")
+    (ct.root / "etc/dehydrated/conf.d/alpnd.sh").write_text(
+        'CA="https://10.205.0.1:14000/dir"\n'
+        'CURL_OPTS="--cacert /root/pebble-ca.pem"\n'
+        'CHALLENGETYPE="tls-alpn-01"\n'
+        'ALPNCERTDIR="/var/lib/dehydrated/alpn-certs"\n'
+        'HOOK="/usr/local/share/doc/alpnd/examples/dehydrated-hook"\n'
+        'KEYSIZE=2048\n')
+    (ct.root / "etc/dehydrated/domains.txt").write_text(CHALLENGE + "\n")
+    r = ct.sh("set -e; rm -f /var/lib/dehydrated/alpn-certs/*; "
+              "mkdir -p /var/lib/dehydrated; "
+              "dehydrated --register --accept-terms >/dev/null; "
+              "dehydrated --cron", check=False, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr + (pdir / "pebble.log"
+                                                     ).read_text()[-2000:]
+    assert "Challenge is valid!" in r.stdout, r.stdout
+    issued = ct.sh("openssl x509 -noout -issuer -ext subjectAltName -in "
+                   "/var/lib/dehydrated/certs/www.example.test/cert.pem"
+                   ).stdout
+    assert "Pebble" in issued and "DNS:www.example.test" in issued, issued
+    j = ct.sh("journalctl --no-pager -u alpnd-redirect.socket").stdout
+    assert "Listening on alpnd-redirect.socket" in j, j
+    assert "Closed alpnd-redirect.socket" in j, j
+    j = ct.sh("journalctl --no-pager -t alpnd-respond").stdout
+    assert re.search(r'alpnd-respond\[\d+\]: \S+ www\.example\.test ok '
+                     r'"TLS1\.[23] \S+ RSA-2048"', j), j
+    assert ct.sh("systemctl is-active alpnd-redirect.socket",
+                 check=False).stdout.strip() == "inactive"
+    assert ct.sh("nft list ruleset").stdout.strip() == ""
+    assert ct.sh("ls -A /var/lib/dehydrated/alpn-certs").stdout == ""
