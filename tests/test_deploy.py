@@ -1600,6 +1600,31 @@ systemctl start alpnd.socket
     assert re.search(r"alpnd-respond\[\d+\]: 10\.205\.0\.1:\d+ "
                      r"www\.example\.test ok ", j), j
 
+    # Listening-socket mode: alpnd-listen.socket (conflicts with
+    # alpnd.socket) starts one alpnd that serves and exits when idle.
+    r = ct.sh("echo ALPND_EXIT_IDLE=2 >> /etc/default/alpnd && "
+              "systemctl start alpnd-listen.socket", check=False)
+    assert r.returncode == 0, r.stderr + ct.sh(
+        "journalctl --no-pager -n 30", check=False).stdout
+    assert ct.sh("systemctl is-active alpnd.socket",
+                 check=False).stdout.strip() == "inactive"
+    assert ask("10.205.0.2") == "nginx behind alpnd"
+    assert ask("fd00:a3::2", "acme") == "acme-tls/1 " + want
+    main = ct.sh("systemctl show -P MainPID alpnd-listen.service"
+                 ).stdout.strip()
+    assert main != "0"
+    end = time.monotonic() + 15
+    while ct.sh("systemctl is-active alpnd-listen.service",
+                check=False).stdout.strip() == "active":
+        assert time.monotonic() < end, "alpnd-listen.service never idled"
+        time.sleep(0.2)
+    assert ct.sh("systemctl show -P Result alpnd-listen.service"
+                 ).stdout.strip() == "success"
+    assert ask("10.205.0.2") == "nginx behind alpnd"  # started again
+    assert ct.sh("systemctl show -P MainPID alpnd-listen.service"
+                 ).stdout.strip() not in ("0", main)
+    ct.sh("systemctl stop alpnd-listen.socket alpnd-listen.service")
+
     # The renewal window: nginx back on 443, alpnd.socket off.
     ct.sh(r"""
 set -e
