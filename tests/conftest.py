@@ -7,7 +7,8 @@ Paths
   ROOT               the repository
   BUILD              where the binaries under test are: ROOT, or ROOT/build/asan
                      when ALPND_BUILD=asan
-  ALPND, RESPOND     BUILD/alpnd, BUILD/alpnd-respond
+  ALPND, RESPOND     BUILD/alpnd, BUILD/alpnd-respond (ALPND_BIN=path
+                     overrides ALPND, e.g. to test another build of it)
   PY                 /usr/bin/python3 (Debian's, with pytest)
 
 Helpers (plain functions)
@@ -75,7 +76,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build", "asan") \
     if os.environ.get("ALPND_BUILD") == "asan" else ROOT
-ALPND = os.path.join(BUILD, "alpnd")
+ALPND = os.environ.get("ALPND_BIN") or os.path.join(BUILD, "alpnd")
 RESPOND = os.path.join(BUILD, "alpnd-respond")
 PY = "/usr/bin/python3"
 
