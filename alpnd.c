@@ -81,12 +81,14 @@ static const char *const route_name[] = { "-", "respond", "acme", "fallback" };
 
 struct addr {
 	const char		*spec;		/* as given on the command line */
-	char			*host;		/* hostname to resolve, or NULL */
+	char			 host[256];	/* a name to resolve, or "" */
 	char			 port[8];
 	int			 resolved;
 	size_t			 n;
-	struct sockaddr_storage	*ss;
+	struct sockaddr_storage	*ss;		/* n addresses */
 	socklen_t		*len;
+	struct sockaddr_storage	 one;		/* a literal needs no malloc */
+	socklen_t		 onelen;
 };
 
 struct queue;
@@ -326,9 +328,8 @@ parse_addr(struct addr *a, const char *spec)
 
 	memset(a, 0, sizeof(*a));
 	a->spec = spec;
-	if ((a->ss = calloc(1, sizeof(*a->ss))) == NULL ||
-	    (a->len = calloc(1, sizeof(*a->len))) == NULL)
-		die(EX_OSERR, "out of memory");
+	a->ss = &a->one;
+	a->len = &a->onelen;
 	a->n = 1;
 	a->resolved = 1;
 
@@ -368,7 +369,7 @@ parse_addr(struct addr *a, const char *spec)
 	if (colon[1] == '\0' || *end != '\0' || errno || port < 1 ||
 	    port > 65535)
 		die(EX_USAGE, "%s: bad port", spec);
-	if (hlen == 0 || hlen >= sizeof(hbuf))
+	if (hlen == 0 || hlen >= sizeof(hbuf) || hlen >= sizeof(a->host))
 		die(EX_USAGE, "%s: bad host", spec);
 	memcpy(hbuf, host, hlen);
 	hbuf[hlen] = '\0';
@@ -388,8 +389,7 @@ parse_addr(struct addr *a, const char *spec)
 		a->len[0] = sizeof(*sin6);
 	} else {
 		/* A name: resolved when first needed, every address tried. */
-		if ((a->host = strdup(hbuf)) == NULL)
-			die(EX_OSERR, "out of memory");
+		memcpy(a->host, hbuf, hlen + 1);
 		a->resolved = 0;
 		a->n = 0;
 	}
@@ -414,8 +414,6 @@ resolve(struct addr *a)
 	}
 	for (n = 0, ai = res; ai; ai = ai->ai_next)
 		n++;
-	free(a->ss);
-	free(a->len);
 	a->ss = calloc(n, sizeof(*a->ss));
 	a->len = calloc(n, sizeof(*a->len));
 	if (a->ss == NULL || a->len == NULL) {
