@@ -153,7 +153,6 @@ static int		 lfd = -1;	/* listening socket, listening mode */
 static int		 sfd = -1;	/* signalfd for SIGCHLD */
 static int		 listening;
 static int		 use_syslog;
-static int		 sigpipe_ignored;
 static int		 grow_pipes = PIPE_SIZE > 65536;
 static size_t		 nconn, nchild;
 static struct queue	 q_hello, q_connect, q_relay;
@@ -665,7 +664,12 @@ fill_names(struct conn *c)
 	}
 }
 
-/* Our environment without LISTEN_*, for responders in listening mode. */
+/*
+ * Our environment without LISTEN_* and ALPND_CLIENT, for responders in
+ * listening mode, with one spare slot at env[child_nenv] for ALPND_CLIENT.
+ */
+static size_t	 child_nenv;
+
 static char **
 child_env(void)
 {
@@ -676,11 +680,13 @@ child_env(void)
 		return env;
 	while (environ[n])
 		n++;
-	if ((env = calloc(n + 1, sizeof(*env))) == NULL)
+	if ((env = calloc(n + 2, sizeof(*env))) == NULL)
 		return environ;
 	for (i = n = 0; environ[i]; i++)
-		if (strncmp(environ[i], "LISTEN_", 7) != 0)
+		if (strncmp(environ[i], "LISTEN_", 7) != 0 &&
+		    strncmp(environ[i], "ALPND_CLIENT=", 13) != 0)
 			env[n++] = environ[i];
+	child_nenv = n;
 	return env;
 }
 
@@ -688,7 +694,8 @@ static void
 respond(struct conn *c, int64_t now)
 {
 	static char opt_certs[] = "--certs", opt_timeout[] = "--hello-timeout";
-	char secs[32], *argv[6];
+	char secs[32], *argv[6], client[INET6_ADDRSTRLEN + 16];
+	char envclient[sizeof(client) + 16], **envp;
 	int64_t left = c->q == &q_hello ? c->deadline - now : hello_timeout;
 	posix_spawn_file_actions_t fa;
 	posix_spawnattr_t attr;
@@ -715,6 +722,12 @@ respond(struct conn *c, int64_t now)
 		log_conn(c, now);
 		if (c->nonblock)
 			(void)fcntl(c->cfd, F_SETFL, O_RDWR);
+		if (c->have_px) {
+			/* The responder cannot see the PROXY header we ate. */
+			client_name(c, client, sizeof(client));
+			(void)setenv("ALPND_CLIENT", client, 1);
+		}
+		signal(SIGPIPE, SIG_DFL);
 		execve(respond_path, argv, environ);
 		finish(c, EX_UNAVAILABLE, "exec %s: %s", respond_path,
 		    strerror(errno));
@@ -744,7 +757,17 @@ respond(struct conn *c, int64_t now)
 	(void)posix_spawnattr_setsigdefault(&attr, &set);
 	(void)posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK |
 	    POSIX_SPAWN_SETSIGDEF);
-	e = posix_spawn(&pid, respond_path, &fa, &attr, argv, child_env());
+	envp = child_env();
+	if (c->have_px && envp != environ) {
+		/* One more variable: the slot child_env() keeps free. */
+		client_name(c, client, sizeof(client));
+		snprintf(envclient, sizeof(envclient), "ALPND_CLIENT=%s",
+		    client);
+		envp[child_nenv] = envclient;
+	}
+	e = posix_spawn(&pid, respond_path, &fa, &attr, argv, envp);
+	if (envp != environ)
+		envp[child_nenv] = NULL;
 	posix_spawn_file_actions_destroy(&fa);
 	posix_spawnattr_destroy(&attr);
 	if (e != 0) {
@@ -1122,10 +1145,6 @@ start_relay(struct conn *c)
 	int one = 1;
 
 	set_lowat(c, 1);
-	if (!sigpipe_ignored) {
-		signal(SIGPIPE, SIG_IGN);
-		sigpipe_ignored = 1;
-	}
 	if (get_pipe(&c->up) == -1 || get_pipe(&c->dn) == -1) {
 		finish(c, EX_OSERR, "pipe: %s", strerror(errno));
 		return;
@@ -1570,6 +1589,12 @@ main(int argc, char *argv[])
 		have_acme = 1;
 	}
 
+	/*
+	 * A relay writes to sockets that may be gone, and a log line may go
+	 * to a pipe nobody reads any more: errors, never a fatal signal.
+	 */
+	signal(SIGPIPE, SIG_IGN);
+
 	/* The connection: the LISTEN_FDS descriptor, or fd 0. */
 	mypid = getpid();
 	if ((env = getenv("LISTEN_FDS")) != NULL) {
@@ -1627,8 +1652,6 @@ main(int argc, char *argv[])
 		if (ep_add(sfd, &signal_tag, EPOLLIN) == -1 ||
 		    ep_add(lfd, &listener_tag, EPOLLIN) == -1)
 			die(EX_OSERR, "epoll_ctl: %s", strerror(errno));
-		signal(SIGPIPE, SIG_IGN);
-		sigpipe_ignored = 1;
 		logmsg(LOG_DEBUG, "listening-socket mode on fd %d", lfd);
 		loop();
 		return EX_OK;

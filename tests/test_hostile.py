@@ -461,15 +461,13 @@ case("inetd_stderr_is_socket_respond", acme_hello(sni=b"nosuch.test"), mode="cer
      down=H.record(b"\x02\x70", ctype=H.CT_ALERT, version=H.TLS12))
 # The log reader died (multilog, a logger pipe): writing the log line must
 # not kill the process with SIGPIPE, in any outcome.
-SIGPIPE_BUG = ("alpnd ignores SIGPIPE only once a relay starts: a log line written to a "
-               "dead stderr pipe kills it (drops, timeouts, and before the responder exec)")
 case("stderr_broken_pipe_relay", _h, route="fallback", stdio="brokenpipe")
 bad("stderr_broken_pipe_bad_hello", acme_hello(extra=[H.ext(H.EXT_ALPN, H.alpn_data(b"h2"))]),
-    stdio="brokenpipe", log=(), xfail=SIGPIPE_BUG)
+    stdio="brokenpipe", log=())
 case("stderr_broken_pipe_timeout", script=[("sleep", HT + 3)], stdio="brokenpipe",
-     xfail=SIGPIPE_BUG, **dict(DL, log=()))
+     **dict(DL, log=()))
 case("stderr_broken_pipe_respond", acme_hello(sni=b"nosuch.test"), mode="certs",
-     stdio="brokenpipe", rc=EX_DATAERR, route=None, xfail=SIGPIPE_BUG,
+     stdio="brokenpipe", rc=EX_DATAERR, route=None,
      down=H.record(b"\x02\x70", ctype=H.CT_ALERT, version=H.TLS12))
 case("respond_broken_pipe", acme_hello(sni=b"nosuch.test"), mode="respond",
      stdio="brokenpipe", rc=EX_DATAERR, route=None,
@@ -534,8 +532,7 @@ for _l, _n, _why in (("symlink", "example.test", r"(?i)symbolic link|symlink|too
 # exec, and the responder's log line names the client from the header.
 case("proxy_then_certs_served", script=[("send", H.proxy_v2(src="192.0.2.77")),
                                         ("tls", NAME, ["acme-tls/1"])],
-     served=NAME, route=None, args=P, log=(r"alpnd-respond\[\d+\]: 192\.0\.2\.77",),
-     xfail="alpnd-respond reads ALPND_CLIENT for the PROXY client, alpnd never sets it", **C)
+     served=NAME, route=None, args=P, log=(r"alpnd-respond\[\d+\]: 192\.0\.2\.77",), **C)
 case("certs_client_stalls_mid_handshake",
      script=[("send", acme_hello(versions=(H.TLS12,))), ("flight", 3), ("fds",),
              ("sleep", HT + 3)],

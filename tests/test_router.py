@@ -72,7 +72,8 @@ s.settimeout(5)
 head = s.recv(5)
 info = {"argv": sys.argv, "pid": pid, "fd": fd,
         "issock": stat.S_ISSOCK(st.st_mode), "blocking": blocking,
-        "env": {k: v for k, v in os.environ.items() if k.startswith("LISTEN_")},
+        "env": {k: v for k, v in os.environ.items()
+                if k.startswith("LISTEN_") or k == "ALPND_CLIENT"},
         "head": head.hex()}
 with open(%r + ".tmp", "w") as f:
     json.dump(info, f)
@@ -900,3 +901,20 @@ def test_listen_mode_deadline_and_reaping(activate, echo_backend, recorder):
         return out
     wait_for(lambda: not zombies(), 5, "responder children reaped")
     assert a.proc.poll() is None      # still serving (exit-idle 30 s)
+
+
+@pytest.mark.parametrize("mode", ["inetd", "listen"])
+def test_proxy_client_passed_to_responder(activate, recorder, mode):
+    """The PROXY header is consumed by alpnd: the responder learns the
+    client from ALPND_CLIENT (and only then)."""
+    a = activate(["--fallback", "127.0.0.1:9", "--certs", recorder.dir,
+                  "--respond", recorder.path, "--accept-proxy",
+                  "--exit-idle", "30"], mode=mode)
+    s = socket.create_connection(("127.0.0.1", a.port))
+    hello = client_hello("pp.test", ["acme-tls/1"])
+    s.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 443\r\n" + hello)
+    assert recv_all(s) == b"RESPONDER\n"
+    s.close()
+    info = recorder.info()
+    assert info["env"].get("ALPND_CLIENT") == "203.0.113.7:51234", info
+    assert info["head"] == hello[:5].hex()
