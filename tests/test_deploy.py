@@ -827,7 +827,7 @@ def test_renewal_window(tmp_path, netns, procs):
 
 # ------------------------------------------------- xinetd and tcpserver
 
-def check_inetd_style(port, backend, certs_der, expect_proxy=True):
+def check_inetd_style(port, backend, certs_der):
     """A server started per connection on `port`: plain bytes reach the
     backend with a PROXY v2 header naming the client, over IPv4 and IPv6;
     acme-tls/1 gets the challenge certificate; the client receives nothing
