@@ -636,6 +636,24 @@ def test_redirect_idempotent(tmp_path, netns):
     assert netns.sh(netns.srv, "nft list ruleset").stdout.strip() == ""
     r = netns.sh(netns.srv, "%s/alpnd-redirect status" % sbin, check=False)
     assert r.returncode == 1
+    # its environment, and refusals
+    ar = str(sbin / "alpnd-redirect")
+    env = dict(os.environ, ALPND_REDIRECT_TABLE="alpnd_t2",
+               ALPND_REDIRECT_DPORT="8443")
+    run(netns.cmd(netns.srv, [ar, "add", "9443"]), env=env)
+    rules = run(netns.cmd(netns.srv, [ar, "status"]), env=env).stdout
+    assert "table inet alpnd_t2" in rules and \
+        "tcp dport 8443 " in rules and "redirect to :9443" in rules, rules
+    run(netns.cmd(netns.srv, [ar, "del"]), env=env)
+    for argv, e in (([ar, "add", "443"], {}), ([ar, "add", "0"], {}),
+                    ([ar, "add", "65536"], {}), ([ar, "add", "x"], {}),
+                    ([ar, "add"], {}), ([ar, "frob"], {}),
+                    ([ar, "del"], {"ALPND_REDIRECT_TABLE": "a;flush ruleset"}),
+                    ([ar, "del"], {"ALPND_REDIRECT_DPORT": "http"})):
+        r = run(netns.cmd(netns.srv, argv), check=False,
+                env=dict(os.environ, **e))
+        assert r.returncode == 64, (argv, e, r.stderr)
+    assert netns.sh(netns.srv, "nft list ruleset").stdout.strip() == ""
 
 
 CLIENT = r'''
