@@ -657,14 +657,14 @@ def test_redirect_idempotent(tmp_path, netns):
 
 
 CLIENT = r'''
-import socket, ssl, sys
+import os, socket, ssl, sys
 
 def tls(host, port, alpn):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(alpn)
-    s = socket.create_connection((host, int(port)), timeout=10)
+    s = socket.create_connection((host, int(port)))
     return ctx.wrap_socket(s, server_hostname=sys.argv[4])
 
 def get(t):
@@ -686,6 +686,7 @@ def get(t):
     return body.decode().strip()
 
 mode, host, port = sys.argv[1:4]
+socket.setdefaulttimeout(float(os.environ.get("CLIENT_TIMEOUT", "10")))
 try:
     if mode == "get":
         print(get(tls(host, port, ["h2", "http/1.1"])))
@@ -693,7 +694,7 @@ try:
         t = tls(host, port, ["acme-tls/1"])
         print(t.selected_alpn_protocol(), t.getpeercert(True).hex())
     elif mode == "tcp":
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection((host, int(port))).close()
         print("open")
     elif mode == "persist":
         t = tls(host, port, ["http/1.1"])
@@ -841,6 +842,62 @@ def test_renewal_window(tmp_path, netns, procs):
     assert net.sh(srv, "nft list ruleset").stdout.strip() == ""
     logtext = (tmp_path / "alpnd.log").read_text()
     assert "alpnd[" in logtext, logtext
+
+
+def test_renewal_window_behind_a_firewall(tmp_path, netns, procs):
+    """A host firewall that accepts port 443 by destination port drops the
+    redirected connections (nat prerouting turned them into port 4443
+    before the input filter); README's one-line allowance lets exactly
+    those in."""
+    net, srv = netns, netns.srv
+    sbin = make_sbin(tmp_path)
+    certs = tmp_path / "certs"
+    want_der = make_challenge(certs)
+    crt, key = self_signed(tmp_path)
+    conf = nginx_conf(tmp_path, crt, key, ["443 ssl", "[::]:443 ssl"],
+                      "nginx $remote_addr")
+    client = tmp_path / "client.py"
+    client.write_text(CLIENT)
+
+    def ask(mode, host="10.203.0.1", port=443):
+        r = run(net.cmd(net.cli, [PY, client, mode, host, port, CHALLENGE]),
+                check=False, env=dict(os.environ, CLIENT_TIMEOUT="2"))
+        return r.stdout.strip() or r.stderr.strip()
+
+    start_nginx(net, srv, procs, conf, tmp_path)
+    # a typical host firewall, in a table of its own
+    net.sh(srv, "nft add table inet hostfw")
+    net.sh(srv, "nft add chain inet hostfw input { type filter hook input "
+                "priority filter ; policy drop ; }")
+    for rule in ("ct state established,related accept", "iif lo accept",
+                 "meta l4proto ipv6-icmp accept", "tcp dport 443 accept"):
+        net.sh(srv, "nft add rule inet hostfw input " + rule)
+    assert ask("get") == "nginx 10.203.0.2"
+    side = int(unit_values(REDIRECT_SOCKET, "ListenStream", "Socket")[0])
+    sa = procs.start(net.cmd(srv, ["systemd-socket-activate", "-l", side,
+                                   "-a", "--inetd", "--"]
+                             + redirect_service_argv(sbin, certs)),
+                     stderr=subprocess.DEVNULL)
+    wait_listen(side, srv, sa)
+    for cmd in redirect_commands(sbin, "ExecStartPost"):
+        net.sh(srv, shlex.join(cmd))
+    assert ask("acme").startswith("ERR"), "the firewall let it through?"
+    # README's allowance, as printed there
+    text = (ROOT / "README.md").read_text()
+    rule = re.search(r"^(tcp dport \d+ ct original proto-dst 443 accept)",
+                     text, re.M).group(1)
+    assert "dport %d " % side in rule, rule
+    net.sh(srv, "nft add rule inet hostfw input " + rule)
+    for host in ("10.203.0.1", "fd00:a1::1"):
+        alpn, _, der = ask("acme", host).partition(" ")
+        assert alpn == "acme-tls/1" and bytes.fromhex(der) == want_der, der
+    assert ask("get") == "nginx 127.0.0.1"
+    assert ask("tcp", port=side) != "open"  # still closed to the network
+    for cmd in (redirect_commands(sbin, "ExecStopPre")
+                + redirect_commands(sbin, "ExecStopPost")):
+        net.sh(srv, shlex.join(cmd))
+    assert ask("get") == "nginx 10.203.0.2"
+    assert "alpnd_redirect" not in nft_tables(net)
 
 
 # ------------------------------------------------- xinetd and tcpserver
@@ -1505,7 +1562,7 @@ class Container:
 
 
 CT_CLIENT = r'''
-import socket, ssl, sys
+import os, socket, ssl, sys
 host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 ctx.check_hostname = False
