@@ -1806,3 +1806,43 @@ systemctl reload nginx
                  check=False).stdout.strip() == "inactive"
     assert ct.sh("nft list ruleset").stdout.strip() == ""
     assert ct.sh("ls -A /var/lib/dehydrated/alpn-certs").stdout == ""
+
+    # uacme and lego with the commands README prints (the machine's /etc
+    # is a copy: pebble's CA goes into its bundle).
+    readme = (ROOT / "README.md").read_text()
+    with open(ct.root / "etc/ssl/certs/ca-certificates.crt", "a") as f:
+        f.write((pdir / "ca.pem").read_text())
+    url = "https://10.205.0.1:14000/dir"
+    ucmd = re.search(r"^ALPND_REDIRECT_UNIT=alpnd-redirect\.socket \\\n\s+"
+                     r"(uacme -h \S+ issue) example\.org$", readme, re.M)
+    assert ucmd, "README's uacme renewal-window command"
+    uacme = ucmd.group(1).replace("uacme ", "uacme -y -t EC -a %s " % url, 1)
+    r = ct.sh("uacme -y -t EC -a %s new && ALPND_REDIRECT_UNIT="
+              "alpnd-redirect.socket %s uacme.example.test"
+              % (url, uacme.replace("issue", "-v issue")), check=False,
+              timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Pebble" in ct.sh("openssl x509 -noout -issuer -in "
+                             "/etc/ssl/uacme/uacme.example.test/cert.pem"
+                             ).stdout
+    # lego answers with its own listener: alpnd relays with --acme
+    lcmd = re.search(r"^(lego --accept-tos .*?run)$",
+                     readme.replace("\\\n    ", ""), re.M)
+    assert lcmd and "--tls.port 127.0.0.1:8444" in lcmd.group(1), lcmd
+    lego = lcmd.group(1).replace("example.org", "lego.example.test")
+    lego = lego.replace("lego ", "lego --server %s --path /root/lego " % url,
+                        1)
+    opts = re.search(r'^ALPND_REDIRECT_OPTS="([^"]*--acme[^"]*)"$', readme,
+                     re.M).group(1)
+    r = ct.sh("echo 'ALPND_REDIRECT_OPTS=\"%s\"' >> /etc/default/alpnd && "
+              "systemctl start alpnd-redirect.socket && "
+              "LEGO_CA_CERTIFICATES=/root/pebble-ca.pem %s; rc=$?; "
+              "systemctl stop alpnd-redirect.socket; exit $rc"
+              % (opts, lego), check=False, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Pebble" in ct.sh(
+        "openssl x509 -noout -issuer -in "
+        "/root/lego/certificates/lego.example.test.crt").stdout
+    j = ct.sh("journalctl --no-pager -t alpnd").stdout
+    assert re.search(r"lego\.example\.test acme-tls/1 acme \d+ \d+ ", j), j
+    assert ct.sh("nft list ruleset").stdout.strip() == ""
