@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""tests/bench/plot.py RESULTS.json OUTDIR - draw bench.svg and bench.png.
+"""tests/bench/plot.py RESULTS.json OUTDIR [SUFFIX] - draw bench.svg and bench.png.
 
 Four panels, every bar a target of the same run: connections/s as a ratio
 to direct at each concurrency, latency added at c=1, bulk throughput as a
@@ -94,8 +94,10 @@ def main():
         res["meta"].get("cpus", ""), cfg["rounds"],
         "quick" if cfg.get("quick") else "full"), fontsize=11)
     fig.tight_layout()
+    suffix = sys.argv[3] if len(sys.argv) > 3 else ""
     for ext in ("svg", "png"):
-        fig.savefig(os.path.join(out, "bench." + ext), dpi=90)
+        fig.savefig(os.path.join(out, "bench." + ext + suffix), dpi=90,
+                    format=ext)
 
 
 if __name__ == "__main__":
