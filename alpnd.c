@@ -947,12 +947,19 @@ start_connect(struct conn *c)
 		if (sa->sa_family != AF_UNIX)
 			(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
 			    sizeof(one));
-		if (connect(fd, sa, a->len[c->ai]) == 0) {
+		if (connect(fd, sa, a->len[c->ai]) == 0 ||
+		    (errno == EINPROGRESS && sa->sa_family != AF_UNIX &&
+		    (connect(fd, sa, a->len[c->ai]) == 0 || errno == EISCONN))) {
+			/*
+			 * On loopback the handshake has usually completed by
+			 * the time connect(2) returns: asking again saves a
+			 * trip through epoll.  EALREADY: still on its way.
+			 */
 			c->bfd = fd;
 			start_relay(c);
 			return;
 		}
-		if (errno == EINPROGRESS) {
+		if (errno == EINPROGRESS || errno == EALREADY) {
 			if (ep_add(fd, TAG_BACKEND(c), EV_CONN) == -1) {
 				c->cerr = errno;
 				close(fd);
