@@ -693,6 +693,13 @@ def _router(build, ctx, *extra):
     return [str(a), "--fallback", ctx.fb_addr, "--respond", str(r)] + list(extra)
 
 
+def _router_pub(build, ctx, *extra):
+    """_router with copies of the binaries another user can reach: the
+    checkout itself may sit below a 0700 directory (mktemp -d, a home)."""
+    a, r = ctx.pub_bin[build]
+    return [a, "--fallback", ctx.fb_addr, "--respond", r] + list(extra)
+
+
 limits_case("nofile_no_backend_socket",
             lambda b, c: _router(b, c, "--acme", c.fb_addr),
             [("call", _nofile(0)), ("send", _h), ("shut",), ("read", 3)],
@@ -711,12 +718,12 @@ limits_case("certs_dir_missing",
             (EX_UNAVAILABLE, EX_IOERR, EX_DATAERR), r"no-such-dir.*(No such file|not found)",
             None, alert=H.ALERT_UNRECOGNIZED_NAME)
 limits_case("certs_dir_unreadable_nobody",
-            lambda b, c: _router(b, c, "--certs", c.locked_dir),
+            lambda b, c: _router_pub(b, c, "--certs", c.locked_dir),
             [("send", acme_hello()), ("flight", 3), ("shut",), ("read", 3)],
             (EX_UNAVAILABLE, EX_IOERR, EX_DATAERR), r"(?i)permission denied", nobody,
             alert=H.ALERT_UNRECOGNIZED_NAME)
 limits_case("key_unreadable_nobody",
-            lambda b, c: _router(b, c, "--certs", c.keyless_dir),
+            lambda b, c: _router_pub(b, c, "--certs", c.keyless_dir),
             [("send", acme_hello()), ("flight", 3), ("shut",), ("read", 3)],
             (EX_DATAERR, EX_IOERR), r"(?i)permission denied", nobody,
             alert=H.ALERT_UNRECOGNIZED_NAME)
@@ -734,7 +741,7 @@ def _nproc_fresh_user():
 
 
 limits_case("fork_fails_listening_mode",
-            lambda b, c: _router(b, c, "--certs", c.certs_pub, "-x", "1"),
+            lambda b, c: _router_pub(b, c, "--certs", c.certs_pub, "-x", "1"),
             None, (EX_OK,), r"(fork|posix_spawn|exec \S+): Resource temporarily unavailable", _nproc_fresh_user,
             tmax=4.0, listen=True)
 
@@ -1017,6 +1024,12 @@ def make_certs(ctx):
     os.chmod(ctx.locked_dir, 0o700)
     ctx.certs_pub = os.path.join(pub, "certs")
     shutil.copytree(ctx.certs, ctx.certs_pub)
+    ctx.pub_bin = {}
+    for build, spec in BUILDS.items():
+        d = os.path.join(pub, "bin-" + build)
+        os.makedirs(d)
+        os.chmod(d, 0o755)
+        ctx.pub_bin[build] = tuple(shutil.copy2(str(x), d) for x in spec[:2])
     ctx.keyless_dir = os.path.join(pub, "keyless")
     shutil.copytree(ctx.certs, ctx.keyless_dir)
     os.chmod(ctx.keyless_dir, 0o755)
