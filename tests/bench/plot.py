@@ -61,7 +61,7 @@ def main():
     S = res["summary"]
     cfg = res["config"]
     names = [n for n in res["order"] if not S[n].get("broken")]
-    fig, axs = plt.subplots(2, 2, figsize=(15, 10))
+    fig, axs = plt.subplots(3, 2, figsize=(15, 15))
     cs = cfg["concs"]
     bars(axs[0][0], names, S, ["rate_ratio_c%d" % c for c in cs],
          ["c=%d" % c for c in cs],
@@ -71,9 +71,13 @@ def main():
     axs[0][0].scatter(xs, [S[names[j]]["cpu_ratio_c8"] for j in xs], marker="D",
                       color="black", s=18, zorder=5, label="CPU-cost ratio c=8")
     axs[0][0].legend(fontsize=7, loc="upper right")
-    bars(axs[0][1], names, S, ["p50_added_us", "p99_added_us"], ["p50", "p99"],
+    rel = [n for n in names if n != "direct"]
+    bars(axs[0][1], rel, S, ["cpu_us_conn_c1", "cpu_us_conn_c8", "cpu_us_conn_c32"],
+         ["c=1", "c=8", "c=32"],
+         "Relay CPU per connection (all its processes, cgroup)", "microseconds")
+    bars(axs[2][0], names, S, ["p50_added_us", "p99_added_us"], ["p50", "p99"],
          "Latency added per connection at c=1", "microseconds over direct")
-    axs[0][1].set_yscale("symlog", linthresh=100)
+    axs[2][0].set_yscale("symlog", linthresh=100)
     bars(axs[1][0], names, S, ["bulk_tls_ratio", "bulk_raw_ratio"],
          ["HTTPS download", "raw TCP after ClientHello"],
          "Bulk throughput (%d MiB), ratio to direct" % (cfg["bulk_bytes"] >> 20),
@@ -84,9 +88,11 @@ def main():
                           [S[names[j]][k] for j in xs], marker="D", color="black",
                           s=14, zorder=5, label="CPU-cost ratio" if i == 0 else None)
     axs[1][0].legend(fontsize=7, loc="upper right")
+    bars(axs[1][1], rel, S, ["cpu_s_gib_tls", "cpu_s_gib_raw"],
+         ["HTTPS download", "raw TCP"], "Relay CPU per GiB relayed", "CPU seconds / GiB")
     mem = [n for n in names if S[n].get("pss_kib_per_conn") is not None
            and n != "direct"]
-    bars(axs[1][1], mem, S, ["pss_kib_per_conn", "memcg_kib_per_conn"],
+    bars(axs[2][1], mem, S, ["pss_kib_per_conn", "memcg_kib_per_conn"],
          ["PSS (user)", "memcg (user + kernel)"],
          "Memory per held connection (%d idle)" % cfg["hold"], "KiB",
          [(128, "128 KiB")])
