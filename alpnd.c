@@ -187,6 +187,7 @@ static void	start_connect(struct conn *);
 static void	connect_step(struct conn *);
 static void	start_relay(struct conn *);
 static void	relay_step(struct conn *);
+static void	relay_done(struct conn *, int, int, int);
 static void	peer_addr(struct conn *);
 
 static int64_t
@@ -1248,13 +1249,46 @@ pump(struct dir *d, int src, int dst, int *moved, int *more)
 	return 0;
 }
 
+/*
+ * Pump what an event calls for (both directions when events is 0): data or
+ * EOF on a socket moves its own direction; room to write into a socket
+ * matters only to a direction that has bytes waiting for it.  Edge-
+ * triggered epoll reports every readiness bit at each edge, so this saves
+ * a splice(2) that would only say EAGAIN.
+ */
+static void
+relay_event(struct conn *c, int backend, uint32_t events)
+{
+	const uint32_t rd = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR;
+	const uint32_t wr = EPOLLOUT | EPOLLHUP | EPOLLERR;
+	int up, dn, moved = 0, more = 0, r = 0;
+
+	if (events == 0)
+		up = dn = 1;
+	else if (!backend) {
+		up = (events & rd) != 0;
+		dn = (events & wr) && c->dn.inpipe > 0;
+	} else {
+		dn = (events & rd) != 0;
+		up = (events & wr) && c->up.inpipe > 0;
+	}
+	if (up)
+		r = pump(&c->up, c->cfd, c->bfd, &moved, &more);
+	if (r == 0 && dn)
+		r = pump(&c->dn, c->bfd, c->cfd, &moved, &more);
+	relay_done(c, r, moved, more);
+}
+
 static void
 relay_step(struct conn *c)
 {
-	int moved = 0, more = 0;
+	relay_event(c, 0, 0);
+}
 
-	if (pump(&c->up, c->cfd, c->bfd, &moved, &more) == -1 ||
-	    pump(&c->dn, c->bfd, c->cfd, &moved, &more) == -1) {
+static void
+relay_done(struct conn *c, int r, int moved, int more)
+{
+	if (r == -1) {
 		if (errno == ECONNRESET || errno == EPIPE)
 			finish(c, EX_OK, "reset");
 		else
@@ -1413,7 +1447,7 @@ dispatch(void *tag, uint32_t events, int64_t now)
 			connect_step(c);
 		break;
 	case S_RELAY:
-		relay_step(c);
+		relay_event(c, backend, events);
 		break;
 	case S_DEAD:
 		break;
