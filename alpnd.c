@@ -730,8 +730,10 @@ respond(struct conn *c, int64_t now)
 		}
 		signal(SIGPIPE, SIG_DFL);
 		execve(respond_path, argv, environ);
+		e = errno;
+		signal(SIGPIPE, SIG_IGN);
 		finish(c, EX_UNAVAILABLE, "exec %s: %s", respond_path,
-		    strerror(errno));
+		    strerror(e));
 		return;
 	}
 
