@@ -918,3 +918,24 @@ def test_proxy_client_passed_to_responder(activate, recorder, mode):
     info = recorder.info()
     assert info["env"].get("ALPND_CLIENT") == "203.0.113.7:51234", info
     assert info["head"] == hello[:5].hex()
+
+
+def test_missing_responder(inetd, activate, tmp_path):
+    """No responder where --respond says: exit 69 with a reason in per-
+    connection mode; in listening mode the others are still served."""
+    certs = tmp_path / "c"
+    certs.mkdir()
+    missing = str(tmp_path / "no-such-responder")
+    i = inetd(["--fallback", "127.0.0.1:9", "--certs", str(certs),
+               "--respond", missing])
+    assert exchange(i.port, client_hello("m.test", ["acme-tls/1"])) == b""
+    res = i.wait_results(1)[0]
+    assert res.rc == 69 and "No such file" in res.stderr, res
+    a = activate(["--fallback", "127.0.0.1:9", "--certs", str(certs),
+                  "--respond", missing, "--exit-idle", "30"], mode="listen")
+    for _ in range(2):
+        assert exchange(a.port, client_hello("m.test", ["acme-tls/1"])) \
+            == b""
+    lines = a.wait_lines(2)
+    assert all("No such file" in x["result"] for x in lines), lines
+    assert a.proc.poll() is None
