@@ -152,7 +152,7 @@ static int		 ep = -1;
 static int		 lfd = -1;	/* listening socket, listening mode */
 static int		 sfd = -1;	/* signalfd for SIGCHLD */
 static int		 listening;
-static int		 use_syslog;
+static int		 use_syslog, use_journal;
 static int		 grow_pipes = PIPE_SIZE > 65536;
 static size_t		 nconn, nchild;
 static struct queue	 q_hello, q_connect, q_relay;
@@ -236,7 +236,10 @@ vlogmsg(int pri, const char *fmt, va_list ap)
 		vsyslog(pri, fmt, ap);
 		return;
 	}
-	n = snprintf(buf, sizeof(buf), "alpnd[%ld]: ", (long)mypid);
+	if (use_journal)	/* sd-daemon(3) priority prefix */
+		n = snprintf(buf, sizeof(buf), "<%d>", pri);
+	else
+		n = snprintf(buf, sizeof(buf), "alpnd[%ld]: ", (long)mypid);
 	m = vsnprintf(buf + n, sizeof(buf) - n - 1, fmt, ap);
 	if (m < 0)
 		return;
@@ -1514,28 +1517,41 @@ loop(void)
 }
 
 /*
- * Is fd 2 the very socket we serve (inetd without an error stream)?
- * A closed fd 2 gets /dev/null, lest a backend socket become "stderr".
+ * Where log lines go: syslog when fd 2 is the very socket we serve (inetd
+ * without an error stream), the journal's stream without our own prefix,
+ * else stderr.  A closed fd 2 gets /dev/null, lest a backend socket become
+ * "stderr".
  */
-static int
-stderr_is_conn(int cfd)
+static void
+log_setup(int cfd)
 {
 	struct stat a, b;
-	int type, fd;
-	socklen_t sl = sizeof(type);
+	unsigned long long dev, ino;
+	const char *js;
+	int fd;
 
-	if (getsockopt(STDERR_FILENO, SOL_SOCKET, SO_TYPE, &type, &sl) == -1) {
+	if (fstat(STDERR_FILENO, &a) == -1) {
 		if (errno == EBADF &&
 		    (fd = open("/dev/null", O_RDWR | O_CLOEXEC)) != -1 &&
 		    fd != STDERR_FILENO) {
 			(void)dup2(fd, STDERR_FILENO);
 			close(fd);
 		}
-		return 0;
+		return;
 	}
-	if (fstat(STDERR_FILENO, &a) == -1 || fstat(cfd, &b) == -1)
-		return 0;
-	return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+	if (fstat(cfd, &b) == 0 && a.st_dev == b.st_dev &&
+	    a.st_ino == b.st_ino) {
+		/* inetd/xinetd: stderr is the client; never write there. */
+		use_syslog = 1;
+		openlog("alpnd", LOG_PID, LOG_DAEMON);
+		return;
+	}
+	/* systemd.exec(5) JOURNAL_STREAM: journald adds "alpnd[PID]: ". */
+	if ((js = getenv("JOURNAL_STREAM")) != NULL &&
+	    sscanf(js, "%llu:%llu", &dev, &ino) == 2 &&
+	    dev == (unsigned long long)a.st_dev &&
+	    ino == (unsigned long long)a.st_ino)
+		use_journal = 1;
 }
 
 int
@@ -1662,13 +1678,11 @@ main(int argc, char *argv[])
 	q_connect.timeout = hello_timeout;
 	q_relay.timeout = idle_timeout;
 
+	log_setup(fd);
 	if (acc) {
 		struct rlimit rl;
 		sigset_t set;
 
-		use_syslog = stderr_is_conn(fd);
-		if (use_syslog)
-			openlog("alpnd", LOG_PID, LOG_DAEMON);
 		listening = 1;
 		lfd = fd;
 		/* Up to six descriptors a relay: take what we may have. */
@@ -1700,9 +1714,6 @@ main(int argc, char *argv[])
 		return EX_OK;
 	}
 
-	use_syslog = stderr_is_conn(fd);
-	if (use_syslog)
-		openlog("alpnd", LOG_PID, LOG_DAEMON);
 	if ((c = conn_new(fd, now_us())) == NULL)
 		die(EX_OSERR, "out of memory");
 	/* The ClientHello is usually there already: try before any epoll. */

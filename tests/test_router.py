@@ -3,6 +3,7 @@ slow and broken peers, listening-socket mode.  Real processes throughout:
 systemd-socket-activate, tcpserver, xinetd, nginx, curl, openssl, gnutls-cli.
 """
 import json
+import re
 import os
 import socket
 import stat
@@ -939,3 +940,42 @@ def test_missing_responder(inetd, activate, tmp_path):
     lines = a.wait_lines(2)
     assert all("No such file" in x["result"] for x in lines), lines
     assert a.proc.poll() is None
+
+
+def _journal_run(env_stream):
+    """alpnd on one end of a socketpair, stderr a pipe; JOURNAL_STREAM is
+    set from env_stream(pipe_stat).  The fallback refuses: one log line."""
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    st = os.fstat(w)
+    env = dict(os.environ, JOURNAL_STREAM=env_stream(st))
+    port = free_port()
+    p = subprocess.Popen([ALPND, "--fallback", "127.0.0.1:%d" % port,
+                          "--acme", "127.0.0.1:%d" % port],
+                         stdin=b, stderr=w, env=env)
+    b.close()
+    os.close(w)
+    a.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    rc = p.wait(timeout=10)
+    with os.fdopen(r, "rb") as f:
+        text = f.read().decode()
+    a.close()
+    return rc, text
+
+
+def test_journal_stream_lines_carry_priority_not_prefix():
+    """Under journald (JOURNAL_STREAM names fd 2) the journal adds
+    'alpnd[PID]: ' itself: alpnd writes '<N>' priorities instead."""
+    rc, text = _journal_run(lambda st: "%d:%d" % (st.st_dev, st.st_ino))
+    assert rc == 69, text
+    lines = text.splitlines()
+    assert lines and all(re.match(r"<[0-7]>", ln) for ln in lines), text
+    assert "alpnd[" not in text, text
+
+
+def test_journal_stream_of_another_file_keeps_prefix():
+    """A JOURNAL_STREAM inherited from elsewhere (not fd 2) changes nothing."""
+    rc, text = _journal_run(lambda st: "%d:%d" % (st.st_dev, st.st_ino + 1))
+    assert rc == 69, text
+    assert re.match(r"alpnd\[\d+\]: ", text), text
+    assert not text.startswith("<"), text
