@@ -1605,6 +1605,10 @@ main(int argc, char *argv[])
 			break;
 		case 't':
 			hello_timeout = parse_secs(optarg, "--hello-timeout", 0);
+			/* alpnd-respond takes 1..3600: refuse here, not per ACME connection. */
+			if (hello_timeout > 3600 * SEC)
+				die(EX_USAGE, "--hello-timeout %s: at most 3600 "
+				    "seconds", optarg);
 			break;
 		case 'i':
 			idle_timeout = parse_secs(optarg, "--idle-timeout", 1);

@@ -12,6 +12,7 @@
  */
 
 #include <sys/types.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <netinet/in.h>
@@ -129,6 +130,29 @@ elapsed_ms(const struct timespec *start)
 	clock_gettime(CLOCK_MONOTONIC, &now);
 	return (now.tv_sec - start->tv_sec) * 1e3 +
 	    (now.tv_nsec - start->tv_nsec) / 1e6;
+}
+
+/*
+ * The handshake deadline is absolute: GnuTLS's own timeout restarts with
+ * every byte, so a client trickling one byte at a time would outlive it.
+ * One connection per process, hence plain statics.
+ */
+static struct timespec	hs_start;
+static double		hs_limit_ms;
+
+static int
+pull_timeout(gnutls_transport_ptr_t ptr, unsigned int ms)
+{
+	struct pollfd pfd;
+	double left = hs_limit_ms - elapsed_ms(&hs_start);
+
+	if (left <= 0)
+		return 0;			/* GNUTLS_E_TIMEDOUT */
+	if (ms != GNUTLS_INDEFINITE_TIMEOUT && ms < left)
+		left = ms;
+	pfd.fd = (int)(intptr_t)ptr;
+	pfd.events = POLLIN;
+	return poll(&pfd, 1, (int)left + 1);
 }
 
 /* Escape untrusted bytes for a log line: printable ASCII stays, rest \xNN. */
@@ -319,7 +343,11 @@ ident_from_arg(const char *arg, struct ident *id, char *why, size_t whylen)
 		return 0;
 	}
 	if (inet_pton(AF_INET6, arg, ip) == 1) {
-		ip_to_reverse(ip, 16, id);
+		/* ::ffff:a.b.c.d is validated as the IPv4 address it is. */
+		if (IN6_IS_ADDR_V4MAPPED((struct in6_addr *)ip))
+			ip_to_reverse(ip + 12, 4, id);
+		else
+			ip_to_reverse(ip, 16, id);
 		return 0;
 	}
 	return ident_from_name((const uint8_t *)arg, strlen(arg), id, why,
@@ -352,6 +380,12 @@ read_file(int dirfd, const char *fname, gnutls_datum_t *out, char *why,
 	}
 	if (!S_ISREG(st.st_mode)) {
 		snprintf(why, whylen, "%s is not a regular file", fname);
+		goto out;
+	}
+	if (st.st_nlink != 1) {
+		/* A hard link may stand for a file outside the directory. */
+		snprintf(why, whylen, "%s has %ju links (1 allowed)", fname,
+		    (uintmax_t)st.st_nlink);
 		goto out;
 	}
 	if (st.st_size <= 0 || st.st_size > PEM_MAX) {
@@ -801,11 +835,20 @@ client_hello_hook(gnutls_session_t session, unsigned htype, unsigned when,
 	c->sni_seen = c->sni_dup = c->alpn_seen = c->acme_offered = 0;
 	c->rawsni_len = 0;
 	c->bad_ext = NULL;
-	if (gnutls_ext_raw_parse(c, hello_ext, msg,
-	    GNUTLS_EXT_RAW_FLAG_TLS_CLIENT_HELLO) < 0)
-		return 0;	/* GnuTLS will say what is wrong with it */
-
 	c->hook_failed = 1;
+	/*
+	 * A hello we cannot parse is refused, never waved through: GnuTLS
+	 * accepts some (legacy_version 0x0403 in a second ClientHello after
+	 * HelloRetryRequest) that would then skip every check below.
+	 */
+	if ((ret = gnutls_ext_raw_parse(c, hello_ext, msg,
+	    GNUTLS_EXT_RAW_FLAG_TLS_CLIENT_HELLO)) < 0) {
+		c->result = "tls_error";
+		snprintf(c->why, sizeof(c->why), "unparsable ClientHello: %s",
+		    gnutls_strerror(ret));
+		c->alert = GNUTLS_A_DECODE_ERROR;
+		return GNUTLS_E_UNEXPECTED_PACKET;
+	}
 	if (c->bad_ext != NULL) {
 		c->result = "tls_error";
 		snprintf(c->why, sizeof(c->why), "malformed %s extension",
@@ -981,7 +1024,7 @@ serve(const char *dir, int dirfd, int dir_errno, int timeout)
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = SIG_IGN;
 	sigaction(SIGPIPE, &sa, NULL);
-	/* Backstop only; GnuTLS's own handshake timeout fires first. */
+	/* Backstop only; pull_timeout() ends the handshake first. */
 	sa.sa_handler = on_alarm;
 	sigaction(SIGALRM, &sa, NULL);
 	alarm((unsigned)timeout + 2);
@@ -1005,6 +1048,9 @@ serve(const char *dir, int dirfd, int dir_errno, int timeout)
 	gnutls_handshake_set_hook_function(session,
 	    GNUTLS_HANDSHAKE_CLIENT_HELLO, GNUTLS_HOOK_PRE, client_hello_hook);
 	gnutls_transport_set_int(session, fd);
+	hs_start = c.start;
+	hs_limit_ms = timeout * 1000.0;
+	gnutls_transport_set_pull_timeout_function(session, pull_timeout);
 	gnutls_handshake_set_timeout(session, (unsigned)timeout * 1000);
 
 	do {
@@ -1168,31 +1214,35 @@ parse_auth(const char *auth, uint8_t *digest, char *why, size_t whylen)
 	return -1;
 }
 
-/* Write DIR/fname atomically: a dot-file (never a valid name), then rename. */
+/*
+ * Write d to a new dot-file in DIR (never a valid name), synced; its name
+ * goes to tmp for the caller to rename or remove.
+ */
 static int
-write_atomic(int dirfd, const char *fname, const gnutls_datum_t *d,
-    mode_t mode, gid_t gid)
+write_temp(int dirfd, const gnutls_datum_t *d, mode_t mode, gid_t gid,
+    char *tmp, size_t tmplen)
 {
-	char tmp[NAME_LEN + 64];
 	uint8_t rnd[8];
 	size_t off = 0;
 	ssize_t n;
 	int fd, rc = -1;
 
+	tmp[0] = '\0';
 	if (gnutls_rnd(GNUTLS_RND_NONCE, rnd, sizeof(rnd)) < 0)
 		return -1;
-	snprintf(tmp, sizeof(tmp), ".%s.%02x%02x%02x%02x%02x%02x%02x%02x",
+	snprintf(tmp, tmplen, ".%s.%02x%02x%02x%02x%02x%02x%02x%02x",
 	    PROG, rnd[0], rnd[1], rnd[2], rnd[3], rnd[4], rnd[5], rnd[6],
 	    rnd[7]);
 	if ((fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC |
 	    O_NOFOLLOW, 0600)) == -1) {
 		fprintf(stderr, "%s: %s: %s\n", PROG, tmp, strerror(errno));
+		tmp[0] = '\0';
 		return -1;
 	}
 	/* Group: the directory's (the certs group), if we may; else ours. */
-	if (gid != (gid_t)-1 && fchown(fd, (uid_t)-1, gid) == -1 &&
-	    errno != EPERM)
-		fprintf(stderr, "%s: %s: chown: %s\n", PROG, tmp,
+	if (gid != (gid_t)-1 && fchown(fd, (uid_t)-1, gid) == -1)
+		fprintf(stderr, "%s: warning: cannot give %s the certificate "
+		    "directory's group %ld: %s\n", PROG, tmp, (long)gid,
 		    strerror(errno));
 	if (fchmod(fd, mode) == -1) {
 		fprintf(stderr, "%s: %s: chmod: %s\n", PROG, tmp,
@@ -1215,16 +1265,9 @@ write_atomic(int dirfd, const char *fname, const gnutls_datum_t *d,
 		    strerror(errno));
 		goto out;
 	}
-	if (renameat(dirfd, tmp, dirfd, fname) == -1) {
-		fprintf(stderr, "%s: rename %s: %s\n", PROG, fname,
-		    strerror(errno));
-		goto out;
-	}
 	rc = 0;
  out:
 	close(fd);
-	if (rc == -1)
-		unlinkat(dirfd, tmp, 0);
 	return rc;
 }
 
@@ -1235,7 +1278,8 @@ make(int dirfd, const char *name, const char *auth)
 	gnutls_x509_crt_t crt = NULL;
 	gnutls_datum_t keypem = { NULL, 0 }, crtpem = { NULL, 0 };
 	uint8_t digest[DIGEST_LEN], der[2 + DIGEST_LEN], serial[16];
-	char why[WHY_LEN], fname[NAME_LEN + 16];
+	char why[WHY_LEN], fname[NAME_LEN + 16], cname[NAME_LEN + 16];
+	char ktmp[64] = "", ctmp[64] = "";
 	const char *cn;
 	struct ident id;
 	struct stat st;
@@ -1302,19 +1346,46 @@ make(int dirfd, const char *name, const char *auth)
 		    gnutls_strerror(ret));
 		goto out;
 	}
-	/* Key first: a new certificate never meets an old key. */
+	/*
+	 * Both files complete on disk before either is renamed into place,
+	 * under a lock against a concurrent --make or --clean; key first, and
+	 * if the certificate cannot follow, no new key stays beside an old
+	 * certificate.  (A validation between the two renames sees a mismatch
+	 * and refuses: never a wrong pair.)
+	 */
 	rc = EX_IOERR;
+	if (flock(dirfd, LOCK_EX) == -1)
+		fprintf(stderr, "%s: warning: lock certs directory: %s\n", PROG,
+		    strerror(errno));
+	if (write_temp(dirfd, &keypem, 0640, st.st_gid, ktmp,
+	    sizeof(ktmp)) == -1 ||
+	    write_temp(dirfd, &crtpem, 0644, st.st_gid, ctmp,
+	    sizeof(ctmp)) == -1)
+		goto out;
 	snprintf(fname, sizeof(fname), "%s.key.pem", id.name);
-	if (write_atomic(dirfd, fname, &keypem, 0640, st.st_gid) == -1)
+	if (renameat(dirfd, ktmp, dirfd, fname) == -1) {
+		fprintf(stderr, "%s: rename %s: %s\n", PROG, fname,
+		    strerror(errno));
 		goto out;
-	snprintf(fname, sizeof(fname), "%s.crt.pem", id.name);
-	if (write_atomic(dirfd, fname, &crtpem, 0644, st.st_gid) == -1)
+	}
+	ktmp[0] = '\0';
+	snprintf(cname, sizeof(cname), "%s.crt.pem", id.name);
+	if (renameat(dirfd, ctmp, dirfd, cname) == -1) {
+		fprintf(stderr, "%s: rename %s: %s\n", PROG, cname,
+		    strerror(errno));
+		(void)unlinkat(dirfd, fname, 0);
 		goto out;
+	}
+	ctmp[0] = '\0';
 	if (fsync(dirfd) == -1 && errno != EINVAL)
 		fprintf(stderr, "%s: fsync certs directory: %s\n", PROG,
 		    strerror(errno));
 	rc = EX_OK;
  out:
+	if (ktmp[0] != '\0')
+		(void)unlinkat(dirfd, ktmp, 0);
+	if (ctmp[0] != '\0')
+		(void)unlinkat(dirfd, ctmp, 0);
 	if (keypem.data != NULL) {
 		gnutls_memset(keypem.data, 0, keypem.size);
 		gnutls_free(keypem.data);

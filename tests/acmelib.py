@@ -362,7 +362,8 @@ HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891"
 
 
 def raw_client_hello13(sni, random, key_share=None, cookie=None,
-                       groups=(0x001d,), shares=None, record_max=None):
+                       groups=(0x001d,), shares=None, record_max=None,
+                       version=b"\x03\x03", alpn=b"\x00\x0b\x0aacme-tls/1"):
     """A hand-built TLS 1.3 ClientHello (RFC 8446 4.1.2).  key_share=None
     sends an empty client_shares list, which forces a HelloRetryRequest;
     key_share=(group, public) answers it, echoing the cookie if any.
@@ -370,9 +371,12 @@ def raw_client_hello13(sni, random, key_share=None, cookie=None,
     message over records of at most that many bytes."""
     def ext(t, body):
         return struct.pack("!HH", t, len(body)) + body
-    entry = b"\x00" + struct.pack("!H", len(sni)) + sni
-    exts = ext(0, struct.pack("!H", len(entry)) + entry)
-    exts += ext(16, b"\x00\x0b\x0aacme-tls/1")
+    exts = b""
+    if sni is not None:
+        entry = b"\x00" + struct.pack("!H", len(sni)) + sni
+        exts += ext(0, struct.pack("!H", len(entry)) + entry)
+    if alpn is not None:
+        exts += ext(16, alpn)
     gl = b"".join(struct.pack("!H", g) for g in groups)
     exts += ext(10, struct.pack("!H", len(gl)) + gl)
     exts += ext(13, b"\x00\x04\x04\x03\x08\x04")
@@ -385,7 +389,7 @@ def raw_client_hello13(sni, random, key_share=None, cookie=None,
     if cookie is not None:
         exts += ext(44, struct.pack("!H", len(cookie)) + cookie)
     suites = b"\x13\x01\x13\x02"
-    body = (b"\x03\x03" + random + b"\x20" + random + struct.pack(
+    body = (version + random + b"\x20" + random + struct.pack(
         "!H", len(suites)) + suites + b"\x01\x00"
         + struct.pack("!H", len(exts)) + exts)
     hs = b"\x01" + struct.pack("!I", len(body))[1:] + body
@@ -413,10 +417,12 @@ def read_record(s, timeout=10.0):
     return (buf[0], body)
 
 
-def hrr_exchange(port, sni1, sni2, host="127.0.0.1"):
+def hrr_exchange(port, sni1, sni2, host="127.0.0.1", version2=b"\x03\x03",
+                 alpn2=b"\x00\x0b\x0aacme-tls/1"):
     """ClientHello without a usable key share -> HelloRetryRequest -> a
     second ClientHello with SNI sni2.  Returns the outcome of the second
-    one like raw_exchange: ('server_hello', None) or ('alert', N)."""
+    one like raw_exchange: ('server_hello', None) or ('alert', N).
+    version2, alpn2 (None: no extension) shape the second hello."""
     random = os.urandom(32)
     with socket.create_connection((host, port), timeout=10) as s:
         s.sendall(raw_client_hello13(sni1, random))
@@ -440,7 +446,8 @@ def hrr_exchange(port, sni1, sni2, host="127.0.0.1"):
             off += 4 + n
         s.sendall(raw_client_hello13(sni2, random,
                                      key_share=(group, os.urandom(32)),
-                                     cookie=cookie))
+                                     cookie=cookie, version=version2,
+                                     alpn=alpn2))
         while True:
             typ, body = read_record(s)
             if typ == 0x14:                     # change_cipher_spec compat

@@ -995,3 +995,75 @@ def test_validator_like_post_quantum_hello(certs, responder):
     assert typ == 0x16 and body[0] == 0x02, (typ, body[:8])
     assert body[6:38] != A.HRR_RANDOM               # a real ServerHello
     assert b"\x00\x33\x00\x24\x00\x1d\x00\x20" in body   # key_share X25519
+
+
+# --------------------------------------------- found in review, kept fixed
+
+@pytest.mark.parametrize("sni2,alpn2", [
+    (b"w.example.org", b"\x00\x0b\x0aacme-tls/1"),     # another name
+    (None, None),                                       # no SNI, no ALPN
+    (b"w.example.org", b"\x00\x03\x02h2"),              # h2 only
+])
+def test_hello_retry_request_unparsable_second_hello(certs, responder, sni2, alpn2):
+    """A second ClientHello that GnuTLS accepts but cannot be parsed as
+    extensions (legacy_version 0x0403) is refused, not waved through the
+    SNI and ALPN checks with the first hello's certificate loaded."""
+    assert make(certs, "v.example.org").returncode == 0
+    srv = responder()
+    out = A.hrr_exchange(srv.port, b"v.example.org", sni2,
+                         version2=b"\x04\x03", alpn2=alpn2)
+    assert out[0] == "alert", out
+    log = srv.last(timeout=10).log()
+    assert log["result"] != "ok", log
+
+
+def test_trickled_hello_meets_the_deadline_and_logs(certs, responder):
+    """One byte every 0.2 s must not stretch the handshake past
+    --hello-timeout (GnuTLS's own timeout restarts with each byte), and the
+    connection still gets its log line."""
+    assert make(certs, "v.example.org").returncode == 0
+    srv = responder(timeout=2)
+    hello = A.raw_client_hello(b"v.example.org")
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        try:
+            for b in hello:
+                s.send(bytes([b]))
+                time.sleep(0.2)
+                if time.monotonic() - t0 > 6:
+                    break
+        except OSError:
+            pass                            # closed by the deadline
+        ch = srv.last(timeout=10)
+    took = time.monotonic() - t0
+    assert ch.rc == 75, ch.stderr
+    assert ch.log()["result"] == "timeout", ch.stderr
+    assert took < 3.5, took
+
+
+def test_make_failing_certificate_leaves_no_new_key(certs):
+    """If the certificate cannot be put in place, the new key does not stay
+    behind (it would not match), and no temporary file remains."""
+    os.mkdir(os.path.join(certs, "x.example.org.crt.pem"))
+    r = make(certs, "x.example.org")
+    assert r.returncode == 74, r.stderr
+    assert sorted(os.listdir(certs)) == ["x.example.org.crt.pem"], os.listdir(certs)
+
+
+def test_make_ipv4_mapped_address_is_the_ipv4_identifier(certs):
+    r = make(certs, "::ffff:192.0.2.1")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(certs)) == ["1.2.0.192.in-addr.arpa.crt.pem",
+                                         "1.2.0.192.in-addr.arpa.key.pem"]
+
+
+def test_hard_linked_pair_is_not_served(certs, tmp_path):
+    """A hard link may stand for a file outside the directory: refused."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    assert make(str(other), "v.example.org").returncode == 0
+    for ext_ in (".crt.pem", ".key.pem"):
+        os.link(other / ("v.example.org" + ext_),
+                os.path.join(certs, "v.example.org" + ext_))
+    r = check(certs, "v.example.org")
+    assert r.returncode == 65 and "links" in r.stdout + r.stderr, r

@@ -979,3 +979,14 @@ def test_journal_stream_of_another_file_keeps_prefix():
     assert rc == 69, text
     assert re.match(r"alpnd\[\d+\]: ", text), text
     assert not text.startswith("<"), text
+
+
+def test_hello_timeout_above_the_responders_limit_is_a_usage_error():
+    """alpnd-respond takes --hello-timeout 1..3600; alpnd refuses more at
+    start-up instead of failing every ACME connection later."""
+    a, b = socket.socketpair()
+    r = subprocess.run([ALPND, "-f", "127.0.0.1:1", "-a", "127.0.0.1:1",
+                        "-t", "3601"], stdin=b, capture_output=True, timeout=10)
+    a.close()
+    b.close()
+    assert r.returncode == 64 and b"3600" in r.stderr, r
