@@ -16,6 +16,7 @@
  */
 #include <sys/types.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -100,6 +101,7 @@ struct dir {
 	size_t		 inpipe;	/* bytes sitting in the pipe */
 	uint64_t	 total;
 	int		 eof;		/* src said EOF */
+	int		 urg;		/* src got urgent data (EPOLLPRI) */
 	int		 shut;		/* shutdown(dst, SHUT_WR) done */
 };
 
@@ -114,6 +116,7 @@ struct conn {
 	int		 lowat;		/* SO_RCVLOWAT raised on cfd */
 	int		 nonblock;	/* O_NONBLOCK set on cfd by us */
 	int		 registered;	/* cfd is in the epoll set */
+	int		 bregistered;	/* bfd is in the epoll set */
 	int64_t		 t0, deadline, active;
 	struct addr	*dst;
 	size_t		 ai;		/* address of dst being tried */
@@ -270,11 +273,15 @@ die(int code, const char *fmt, ...)
 {
 	va_list ap;
 
-	fputs("alpnd: ", stderr);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	if (use_syslog || use_journal)	/* log_setup() chose: keep to it */
+		vlogmsg(LOG_ERR, fmt, ap);
+	else {
+		fputs("alpnd: ", stderr);
+		vfprintf(stderr, fmt, ap);
+		fputc('\n', stderr);
+	}
 	va_end(ap);
-	fputc('\n', stderr);
 	exit(code);
 }
 
@@ -638,7 +645,7 @@ ep_add(int fd, void *tag, uint32_t events)
 
 #define TAG_CLIENT(c)	((void *)(c))
 #define TAG_BACKEND(c)	((void *)((char *)(c) + 1))
-#define EV_CONN		(EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+#define EV_CONN		(EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET)
 
 static void
 set_lowat(struct conn *c, int v)
@@ -760,6 +767,7 @@ respond(struct conn *c, int64_t now)
 	sigemptyset(&set);
 	(void)posix_spawnattr_setsigmask(&attr, &set);
 	sigaddset(&set, SIGPIPE);
+	sigaddset(&set, SIGCHLD);
 	(void)posix_spawnattr_setsigdefault(&attr, &set);
 	(void)posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK |
 	    POSIX_SPAWN_SETSIGDEF);
@@ -972,6 +980,7 @@ start_connect(struct conn *c)
 				continue;
 			}
 			c->bfd = fd;
+			c->bregistered = 1;
 			c->state = S_CONNECT;
 			q_append(&q_connect, c, now_us());
 			return;
@@ -993,6 +1002,7 @@ connect_failed(struct conn *c, int err)
 	    strerror(err));
 	close(c->bfd);	/* also leaves the epoll set */
 	c->bfd = -1;
+	c->bregistered = 0;
 	c->ai++;
 	start_connect(c);
 }
@@ -1186,12 +1196,16 @@ start_relay(struct conn *c)
 		}
 		c->registered = 1;
 	}
-	if (c->state != S_CONNECT) {
-		/* Connected at once: the backend was never registered. */
+	if (!c->bregistered) {
+		/*
+		 * Connected at once (maybe after an earlier address failed
+		 * in S_CONNECT): this socket is not in the epoll set yet.
+		 */
 		if (ep_add(c->bfd, TAG_BACKEND(c), EV_CONN) == -1) {
 			finish(c, EX_OSERR, "epoll: %s", strerror(errno));
 			return;
 		}
+		c->bregistered = 1;
 	}
 	c->state = S_RELAY;
 	c->active = now;
@@ -1206,6 +1220,36 @@ start_relay(struct conn *c)
  * with errno set.
  */
 #define PUMP_ROUNDS	16
+
+/*
+ * TCP urgent data: splice(2) stops at the urgent mark (it says EAGAIN, or
+ * 0 once a FIN follows), so the byte there is moved by hand, inline
+ * (SO_OOBINLINE): nothing after it is lost or stalled.  Checked when
+ * splice claims EOF, and on EAGAIN only for a side that ever sent urgent
+ * data (EPOLLPRI, in any state): the common path pays nothing.
+ */
+static int
+urgent_step(struct dir *d, int src, int eof)
+{
+	int mark = 0, one = 1;
+	uint8_t b;
+
+	if (!d->urg && !eof)
+		return 0;
+	if (ioctl(src, SIOCATMARK, &mark) == -1 || !mark)
+		return 0;
+	/* Read-time flag: the byte at the mark is now ordinary data. */
+	(void)setsockopt(src, SOL_SOCKET, SO_OOBINLINE, &one, sizeof(one));
+	d->urg = 1;
+	if (recv(src, &b, 1, MSG_DONTWAIT) != 1)
+		return 0;
+	if (write(d->p[1], &b, 1) != 1)		/* inpipe < cap: room */
+		return 0;
+	d->inpipe++;
+	d->total++;
+	return 1;
+}
+
 static int
 pump(struct dir *d, int src, int dst, int *moved, int *more)
 {
@@ -1228,7 +1272,10 @@ pump(struct dir *d, int src, int dst, int *moved, int *more)
 				if (d->inpipe >= d->cap / 2 && d->cap < PIPE_SIZE &&
 				    grow_pipes)
 					grow_pipe(d);
-			} else if (n == 0)
+			} else if ((n == 0 || errno == EAGAIN) &&
+			    urgent_step(d, src, n == 0))
+				progress = 1;
+			else if (n == 0)
 				d->eof = 1;
 			else if (errno != EAGAIN && errno != EINTR)
 				return -1;
@@ -1264,7 +1311,8 @@ pump(struct dir *d, int src, int dst, int *moved, int *more)
 static void
 relay_event(struct conn *c, int backend, uint32_t events)
 {
-	const uint32_t rd = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR;
+	const uint32_t rd = EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLHUP |
+	    EPOLLERR;
 	const uint32_t wr = EPOLLOUT | EPOLLHUP | EPOLLERR;
 	int up, dn, moved = 0, more = 0, r = 0;
 
@@ -1290,13 +1338,34 @@ relay_step(struct conn *c)
 	relay_event(c, 0, 0);
 }
 
+/*
+ * One side reset: hand on what the pipes already hold, as far as it goes
+ * without waiting, then close both sides with a reset (SO_LINGER 0), so
+ * that a cut-off stream never looks like a complete one.
+ */
+static void
+abort_relay(struct conn *c)
+{
+	const struct linger lg = { 1, 0 };
+
+	if (c->up.inpipe > 0)
+		(void)splice(c->up.p[0], NULL, c->bfd, NULL, c->up.inpipe,
+		    SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+	if (c->dn.inpipe > 0)
+		(void)splice(c->dn.p[0], NULL, c->cfd, NULL, c->dn.inpipe,
+		    SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+	(void)setsockopt(c->cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	(void)setsockopt(c->bfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+}
+
 static void
 relay_done(struct conn *c, int r, int moved, int more)
 {
 	if (r == -1) {
-		if (errno == ECONNRESET || errno == EPIPE)
+		if (errno == ECONNRESET || errno == EPIPE) {
+			abort_relay(c);
 			finish(c, EX_OK, "reset");
-		else
+		} else
 			finish(c, EX_IOERR, "relay: %s", strerror(errno));
 		return;
 	}
@@ -1398,6 +1467,12 @@ accept_some(int64_t now)
 			    errno == ENOBUFS || errno == ENOMEM) {
 				logmsg(LOG_ERR, "accept: %s: pausing",
 				    strerror(errno));
+				/* Spare pipes are a luxury now. */
+				while (nspares > 0) {
+					nspares--;
+					close(spares[nspares].p[0]);
+					close(spares[nspares].p[1]);
+				}
 				epoll_ctl(ep, EPOLL_CTL_DEL, lfd, NULL);
 				listen_paused = 1;
 				resume_at = now + SEC / 10;
@@ -1441,6 +1516,8 @@ dispatch(void *tag, uint32_t events, int64_t now)
 	}
 	backend = ((uintptr_t)tag & 1) != 0;
 	c = (struct conn *)((uintptr_t)tag & ~(uintptr_t)1);
+	if (events & EPOLLPRI)		/* urgent data: see urgent_step() */
+		(backend ? &c->dn : &c->up)->urg = 1;
 	switch (c->state) {
 	case S_PROXY:
 	case S_HELLO:
@@ -1500,7 +1577,7 @@ loop(void)
 		}
 		if (!listening)
 			continue;
-		if (listen_paused && (now >= resume_at || nconn == 0)) {
+		if (listen_paused && now >= resume_at) {
 			if (ep_add(lfd, &listener_tag, EPOLLIN) == 0)
 				listen_paused = 0;
 			else
@@ -1552,6 +1629,36 @@ log_setup(int cfd)
 	    dev == (unsigned long long)a.st_dev &&
 	    ino == (unsigned long long)a.st_ino)
 		use_journal = 1;
+}
+
+/*
+ * Listening-socket mode, once: resolve backend names now (getaddrinfo(3)
+ * would stop every connection while it waits; a name that does not
+ * resolve is a start-up error, and systemd starts us again on the next
+ * connection), and keep the listening socket out of the responders: with
+ * StandardInput=socket, fds 1 and 2 are that socket too.
+ */
+static void
+listen_setup(void)
+{
+	struct stat l, o;
+	int fd, null = -1;
+
+	if (resolve(&fallback) == -1 || (have_acme && resolve(&acme) == -1))
+		die(EX_UNAVAILABLE, "cannot resolve the backend addresses");
+	if (fstat(lfd, &l) == -1)
+		return;
+	for (fd = STDOUT_FILENO; fd <= STDERR_FILENO; fd++) {
+		if (fd == lfd || fstat(fd, &o) == -1 ||
+		    o.st_dev != l.st_dev || o.st_ino != l.st_ino)
+			continue;
+		if (null == -1 &&
+		    (null = open("/dev/null", O_RDWR | O_CLOEXEC)) == -1)
+			return;
+		(void)dup2(null, fd);
+	}
+	if (null > STDERR_FILENO)
+		close(null);
 }
 
 int
@@ -1689,6 +1796,7 @@ main(int argc, char *argv[])
 
 		listening = 1;
 		lfd = fd;
+		listen_setup();
 		/* Up to six descriptors a relay: take what we may have. */
 		if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
 			rl.rlim_cur = rl.rlim_max;
@@ -1705,6 +1813,8 @@ main(int argc, char *argv[])
 			die(EX_OSERR, "fcntl: %s", strerror(errno));
 		if ((ep = epoll_create1(EPOLL_CLOEXEC)) == -1)
 			die(EX_OSERR, "epoll_create1: %s", strerror(errno));
+		/* An inherited SIG_IGN would reap children unseen. */
+		signal(SIGCHLD, SIG_DFL);
 		sigemptyset(&set);
 		sigaddset(&set, SIGCHLD);
 		sigprocmask(SIG_BLOCK, &set, NULL);

@@ -990,3 +990,204 @@ def test_hello_timeout_above_the_responders_limit_is_a_usage_error():
     a.close()
     b.close()
     assert r.returncode == 64 and b"3600" in r.stderr, r
+
+
+# ------------------------------------------------ found in review, kept fixed
+
+def _serve_echo_once(ls, out):
+    c, _ = ls.accept()
+    data = b""
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        data += b
+    out.append(data)
+    c.sendall(data)
+    c.close()
+
+
+def test_second_address_after_a_timed_out_first_is_relayed(tmp_path):
+    """A name with two addresses: the first black-holes (connect times out
+    in S_CONNECT), the second connects at once.  The second socket must
+    still be watched, or the reply never comes back."""
+    hole = socket.socket(socket.AF_INET6)
+    hole.bind(("::1", 0))
+    hole.listen(0)
+    port = hole.getsockname()[1]
+    fillers = []
+    for _ in range(4):                  # fill the accept queue: SYNs dropped
+        f = socket.socket(socket.AF_INET6)
+        f.setblocking(False)
+        f.connect_ex(("::1", port))
+        fillers.append(f)
+    echo = socket.socket()
+    echo.bind(("127.0.0.1", port))
+    echo.listen(1)
+    got = []
+    t = threading.Thread(target=_serve_echo_once, args=(echo, got), daemon=True)
+    t.start()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("::1 twoaddr\n127.0.0.1 twoaddr\n")
+    a, b = socket.socketpair()
+    p = subprocess.Popen(
+        ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
+         str(hosts), ALPND, "-t", "1", "-f", "twoaddr:%d" % port,
+         "-a", "twoaddr:%d" % port], stdin=b, stderr=subprocess.PIPE)
+    b.close()
+    try:
+        a.sendall(b"ping over the second address\n")
+        a.shutdown(socket.SHUT_WR)
+        a.settimeout(8)
+        back = b""
+        while True:
+            chunk = a.recv(65536)
+            if not chunk:
+                break
+            back += chunk
+        assert back == b"ping over the second address\n"
+        assert p.wait(timeout=10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for s in fillers + [hole, echo, a]:
+            s.close()
+
+
+@pytest.mark.parametrize("fin", [True, False])
+def test_urgent_byte_is_relayed_inline_and_nothing_after_it_is_lost(inetd, echo_backend, fin):
+    """splice(2) stops at the TCP urgent mark: the byte there is moved by
+    hand, so the stream goes on, with a FIN right behind it (else read as
+    EOF, the rest lost) or without (else stalled)."""
+    be = echo_backend("echo")
+    srv = inetd(["-f", be.addr, "-a", be.addr])
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"hello ")
+        s.send(b"!", socket.MSG_OOB)
+        s.sendall(b"world")
+        if fin:
+            s.shutdown(socket.SHUT_WR)
+        s.settimeout(8)
+        back = b""
+        while len(back) < 12:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            back += chunk
+        if not fin:
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+    assert back == b"hello !world"
+    r = srv.wait_results(1)[0]
+    assert r.rc == 0, r.stderr
+
+
+def test_backend_reset_reaches_the_client_as_a_reset(inetd):
+    """A backend that aborts (RST) must not look like a complete response
+    to the client: the relay passes the reset on."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+
+    def abort():
+        c, _ = ls.accept()
+        c.recv(100)
+        c.sendall(b"x" * 100000)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+    t = threading.Thread(target=abort, daemon=True)
+    t.start()
+    addr = "127.0.0.1:%d" % ls.getsockname()[1]
+    srv = inetd(["-f", addr, "-a", addr])
+    outcome = None
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        s.settimeout(8)
+        try:
+            while s.recv(65536):
+                pass
+            outcome = "eof"
+        except ConnectionResetError:
+            outcome = "reset"
+    ls.close()
+    assert outcome == "reset"
+    r = srv.wait_results(1)[0]
+    assert r.rc == 0 and "reset" in r.stderr, r.stderr
+
+
+def _listening(args, preexec=None, stdout=None):
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    p = subprocess.Popen([ALPND] + args, stdin=ls,
+                         stdout=ls if stdout == "listener" else subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, preexec_fn=preexec)
+    return ls, p
+
+
+def test_listening_mode_exits_idle_even_if_sigchld_was_ignored(tmp_path):
+    """An inherited SIGCHLD=SIG_IGN would reap responders unseen and keep
+    --exit-idle waiting for them forever."""
+    import signal as sig
+    ls, p = _listening(["-f", "127.0.0.1:1", "--certs", str(tmp_path),
+                        "--respond", "/bin/true", "-x", "1"],
+                       preexec=lambda: sig.signal(sig.SIGCHLD, sig.SIG_IGN))
+    try:
+        with socket.create_connection(ls.getsockname()) as s:
+            s.sendall(client_hello("a.example", ("acme-tls/1",)))
+            s.settimeout(5)
+            try:
+                s.recv(1)
+            except OSError:
+                pass
+        assert p.wait(timeout=8) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        ls.close()
+
+
+def test_listening_socket_never_reaches_the_responder(tmp_path):
+    """With StandardInput=socket, fd 1 (and 2) are the listening socket as
+    well: they must not be handed to alpnd-respond."""
+    out = tmp_path / "fds"
+    script = tmp_path / "respond.sh"
+    script.write_text("#!/bin/sh\nls -l /proc/$$/fd > %s\n" % out)
+    script.chmod(0o755)
+    ls, p = _listening(["-f", "127.0.0.1:1", "--certs", str(tmp_path),
+                        "--respond", str(script), "-x", "1"], stdout="listener")
+    try:
+        ino = os.fstat(ls.fileno()).st_ino
+        with socket.create_connection(ls.getsockname()) as s:
+            s.sendall(client_hello("a.example", ("acme-tls/1",)))
+            s.settimeout(5)
+            try:
+                s.recv(1)
+            except OSError:
+                pass
+        assert p.wait(timeout=8) == 0
+        wait_for(lambda: out.exists() and out.read_text(), 5, "the responder ran")
+        assert "socket:[%d]" % ino not in out.read_text(), out.read_text()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        ls.close()
+
+
+def test_listening_mode_resolves_backends_at_start():
+    """getaddrinfo(3) in the event loop would stall every connection: names
+    are resolved at start, and one that does not resolve is an error then."""
+    ls, p = _listening(["-f", "nonexistent.invalid:443", "-a", "127.0.0.1:1",
+                        "-x", "1"])
+    try:
+        assert p.wait(timeout=30) == 69
+        assert b"nonexistent.invalid" in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        ls.close()
