@@ -2,6 +2,7 @@
 slow and broken peers, listening-socket mode.  Real processes throughout:
 systemd-socket-activate, tcpserver, xinetd, nginx, curl, openssl, gnutls-cli.
 """
+import contextlib
 import json
 import re
 import os
@@ -1117,37 +1118,45 @@ def test_backend_reset_reaches_the_client_as_a_reset(inetd):
     assert r.rc == 0 and "reset" in r.stderr, r.stderr
 
 
+@contextlib.contextmanager
 def _listening(args, preexec=None, stdout=None):
+    """alpnd in listening-socket mode on a fresh loopback listener; yields
+    (listener, process); the process is killed if it outlives the test."""
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen(8)
     p = subprocess.Popen([ALPND] + args, stdin=ls,
                          stdout=ls if stdout == "listener" else subprocess.DEVNULL,
                          stderr=subprocess.PIPE, preexec_fn=preexec)
-    return ls, p
+    try:
+        yield ls, p
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        ls.close()
+
+
+def _one_acme_connection(addr):
+    """An acme-tls/1 ClientHello, then wait (bounded) for the close."""
+    with socket.create_connection(addr) as s:
+        s.sendall(client_hello("a.example", ("acme-tls/1",)))
+        s.settimeout(5)
+        try:
+            s.recv(1)
+        except OSError:
+            pass
 
 
 def test_listening_mode_exits_idle_even_if_sigchld_was_ignored(tmp_path):
     """An inherited SIGCHLD=SIG_IGN would reap responders unseen and keep
     --exit-idle waiting for them forever."""
     import signal as sig
-    ls, p = _listening(["-f", "127.0.0.1:1", "--certs", str(tmp_path),
-                        "--respond", "/bin/true", "-x", "1"],
-                       preexec=lambda: sig.signal(sig.SIGCHLD, sig.SIG_IGN))
-    try:
-        with socket.create_connection(ls.getsockname()) as s:
-            s.sendall(client_hello("a.example", ("acme-tls/1",)))
-            s.settimeout(5)
-            try:
-                s.recv(1)
-            except OSError:
-                pass
+    with _listening(["-f", "127.0.0.1:1", "--certs", str(tmp_path),
+                     "--respond", "/bin/true", "-x", "1"],
+                    preexec=lambda: sig.signal(sig.SIGCHLD, sig.SIG_IGN)) as (ls, p):
+        _one_acme_connection(ls.getsockname())
         assert p.wait(timeout=8) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        ls.close()
 
 
 def test_listening_socket_never_reaches_the_responder(tmp_path):
@@ -1157,37 +1166,20 @@ def test_listening_socket_never_reaches_the_responder(tmp_path):
     script = tmp_path / "respond.sh"
     script.write_text("#!/bin/sh\nls -l /proc/$$/fd > %s\n" % out)
     script.chmod(0o755)
-    ls, p = _listening(["-f", "127.0.0.1:1", "--certs", str(tmp_path),
-                        "--respond", str(script), "-x", "1"], stdout="listener")
-    try:
+    with _listening(["-f", "127.0.0.1:1", "--certs", str(tmp_path),
+                     "--respond", str(script), "-x", "1"],
+                    stdout="listener") as (ls, p):
         ino = os.fstat(ls.fileno()).st_ino
-        with socket.create_connection(ls.getsockname()) as s:
-            s.sendall(client_hello("a.example", ("acme-tls/1",)))
-            s.settimeout(5)
-            try:
-                s.recv(1)
-            except OSError:
-                pass
+        _one_acme_connection(ls.getsockname())
         assert p.wait(timeout=8) == 0
         wait_for(lambda: out.exists() and out.read_text(), 5, "the responder ran")
         assert "socket:[%d]" % ino not in out.read_text(), out.read_text()
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        ls.close()
 
 
 def test_listening_mode_resolves_backends_at_start():
     """getaddrinfo(3) in the event loop would stall every connection: names
     are resolved at start, and one that does not resolve is an error then."""
-    ls, p = _listening(["-f", "nonexistent.invalid:443", "-a", "127.0.0.1:1",
-                        "-x", "1"])
-    try:
+    with _listening(["-f", "nonexistent.invalid:443", "-a", "127.0.0.1:1",
+                     "-x", "1"]) as (ls, p):
         assert p.wait(timeout=30) == 69
         assert b"nonexistent.invalid" in p.stderr.read()
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        ls.close()
