@@ -41,7 +41,7 @@ def certs(tmp_path):
 def responder(certs):
     servers = []
 
-    def start(binary=A.RESPOND, timeout=3, env=None):
+    def start(binary=A.RESPOND, timeout=10, env=None):
         s = A.Inetd([binary, "--certs", certs, "--hello-timeout",
                      str(timeout)], env=env)
         servers.append(s)
