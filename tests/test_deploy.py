@@ -363,6 +363,15 @@ def unit_tree(tmp_path_factory):
     return tmp
 
 
+def _held_get(held):
+    """One request over the TLS connection a helper process keeps open."""
+    held.stdin.write("get\n")
+    held.stdin.flush()
+    ready, _, _ = select.select([held.stdout], [], [], 10)
+    assert ready, "held connection: no answer"
+    return held.stdout.readline().strip()
+
+
 @pytest.mark.parametrize("unit", UNIT_FILES)
 def test_unit_verifies(unit_tree, unit):
     """systemd-analyze verify: syntax, executables, Documentation=man:."""
@@ -794,11 +803,7 @@ def test_renewal_window(tmp_path, netns, procs):
                        text=True)
 
     def held_get():
-        held.stdin.write("get\n")
-        held.stdin.flush()
-        ready, _, _ = select.select([held.stdout], [], [], 10)
-        assert ready, "held connection: no answer"
-        return held.stdout.readline().strip()
+        return _held_get(held)
 
     assert held_get() == "nginx 10.203.0.2"
 
@@ -1725,11 +1730,7 @@ systemctl reload nginx
                        text=True)
 
     def held_get():
-        held.stdin.write("get\n")
-        held.stdin.flush()
-        ready, _, _ = select.select([held.stdout], [], [], 10)
-        assert ready, "held connection: no answer"
-        return held.stdout.readline().strip()
+        return _held_get(held)
 
     assert held_get() == "nginx direct 10.205.0.1"
     ct.sh("systemctl start alpnd-redirect.socket && "

@@ -995,14 +995,20 @@ def test_hello_timeout_above_the_responders_limit_is_a_usage_error():
 
 # ------------------------------------------------ found in review, kept fixed
 
+def _read_to_eof(s, limit=None):
+    """Everything s sends until EOF (or until limit bytes)."""
+    data = b""
+    while limit is None or len(data) < limit:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def _serve_echo_once(ls, out):
     c, _ = ls.accept()
-    data = b""
-    while True:
-        b = c.recv(65536)
-        if not b:
-            break
-        data += b
+    data = _read_to_eof(c)
     out.append(data)
     c.sendall(data)
     c.close()
@@ -1040,13 +1046,7 @@ def test_second_address_after_a_timed_out_first_is_relayed(tmp_path):
         a.sendall(b"ping over the second address\n")
         a.shutdown(socket.SHUT_WR)
         a.settimeout(8)
-        back = b""
-        while True:
-            chunk = a.recv(65536)
-            if not chunk:
-                break
-            back += chunk
-        assert back == b"ping over the second address\n"
+        assert _read_to_eof(a) == b"ping over the second address\n"
         assert p.wait(timeout=10) == 0
     finally:
         if p.poll() is None:
@@ -1070,12 +1070,7 @@ def test_urgent_byte_is_relayed_inline_and_nothing_after_it_is_lost(inetd, echo_
         if fin:
             s.shutdown(socket.SHUT_WR)
         s.settimeout(8)
-        back = b""
-        while len(back) < 12:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            back += chunk
+        back = _read_to_eof(s, limit=12)
         if not fin:
             s.shutdown(socket.SHUT_WR)
             while s.recv(65536):
