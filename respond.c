@@ -1411,6 +1411,10 @@ clean(int dirfd, const char *name)
 		fprintf(stderr, "%s: %s: %s\n", PROG, name, why);
 		return EX_DATAERR;
 	}
+	/* The lock --make holds: never half of a pair being written. */
+	if (flock(dirfd, LOCK_EX) == -1)
+		fprintf(stderr, "%s: warning: lock certs directory: %s\n", PROG,
+		    strerror(errno));
 	for (i = 0; i < 2; i++) {
 		snprintf(fname, sizeof(fname), "%s%s", id.name, sfx[i]);
 		if (unlinkat(dirfd, fname, 0) == -1 && errno != ENOENT) {
