@@ -363,6 +363,28 @@ def unit_tree(tmp_path_factory):
     return tmp
 
 
+def _window_scene(tmp_path):
+    """What both renewal-window tests need: alpnd's binaries, a challenge
+    made by --make, an nginx on 443 (v4 and v6) naming the client, and the
+    client script.  Returns (sbin, certs, want_der, conf, client)."""
+    sbin = make_sbin(tmp_path)
+    certs = tmp_path / "certs"
+    want_der = make_challenge(certs)
+    crt, key = self_signed(tmp_path)
+    conf = nginx_conf(tmp_path, crt, key, ["443 ssl", "[::]:443 ssl"],
+                      "nginx $remote_addr")
+    client = tmp_path / "client.py"
+    client.write_text(CLIENT)
+    return sbin, certs, want_der, conf, client
+
+
+def _ask(net, client, mode, host, port, env=None):
+    """One client request from the client namespace: its answer or error."""
+    r = run(net.cmd(net.cli, [PY, client, mode, host, port, CHALLENGE]),
+            check=False, env=env)
+    return r.stdout.strip() or r.stderr.strip()
+
+
 def _held_get(held):
     """One request over the TLS connection a helper process keeps open."""
     held.stdin.write("get\n")
@@ -776,19 +798,10 @@ def test_renewal_window(tmp_path, netns, procs):
     under systemd-socket-activate on the unit's side port;
     ExecStopPre=/ExecStopPost= close it."""
     net, srv, cli = netns, netns.srv, netns.cli
-    sbin = make_sbin(tmp_path)
-    certs = tmp_path / "certs"
-    want_der = make_challenge(certs)
-    crt, key = self_signed(tmp_path)
-    conf = nginx_conf(tmp_path, crt, key, ["443 ssl", "[::]:443 ssl"],
-                      "nginx $remote_addr")
-    client = tmp_path / "client.py"
-    client.write_text(CLIENT)
+    sbin, certs, want_der, conf, client = _window_scene(tmp_path)
 
     def ask(mode, host="10.203.0.1", port=443):
-        r = run(net.cmd(cli, [PY, client, mode, host, port, CHALLENGE]),
-                check=False)
-        return r.stdout.strip() or r.stderr.strip()
+        return _ask(net, client, mode, host, port)
 
     start_nginx(net, srv, procs, conf, tmp_path)
 
@@ -855,19 +868,11 @@ def test_renewal_window_behind_a_firewall(tmp_path, netns, procs):
     before the input filter); README's one-line allowance lets exactly
     those in."""
     net, srv = netns, netns.srv
-    sbin = make_sbin(tmp_path)
-    certs = tmp_path / "certs"
-    want_der = make_challenge(certs)
-    crt, key = self_signed(tmp_path)
-    conf = nginx_conf(tmp_path, crt, key, ["443 ssl", "[::]:443 ssl"],
-                      "nginx $remote_addr")
-    client = tmp_path / "client.py"
-    client.write_text(CLIENT)
+    sbin, certs, want_der, conf, client = _window_scene(tmp_path)
 
     def ask(mode, host="10.203.0.1", port=443):
-        r = run(net.cmd(net.cli, [PY, client, mode, host, port, CHALLENGE]),
-                check=False, env=dict(os.environ, CLIENT_TIMEOUT="2"))
-        return r.stdout.strip() or r.stderr.strip()
+        return _ask(net, client, mode, host, port,
+                    env=dict(os.environ, CLIENT_TIMEOUT="2"))
 
     start_nginx(net, srv, procs, conf, tmp_path)
     # a typical host firewall, in a table of its own
