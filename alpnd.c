@@ -1026,6 +1026,9 @@ start_connect(struct conn *c)
 			 * where TCP would queue the SYN: wait and try the
 			 * same address again, as TCP would.
 			 */
+			if (c->state != S_CONNECT)
+				logmsg(LOG_DEBUG, "backend %s: accept queue "
+				    "full, waiting", a->spec);
 			c->state = S_CONNECT;
 			q_append(&q_retry, c, now_us());
 			return;
@@ -1286,13 +1289,13 @@ urgent_step(struct dir *d, int src, int eof)
 	d->urg = 1;
 	/*
 	 * Peek, write, then consume: a pipe counts its room in pages, not
-	 * bytes, so it can be full although inpipe < cap; the byte stays in
-	 * the socket until the pipe took it.
+	 * bytes, so it can be full although inpipe < cap.  Then the byte
+	 * stays in the socket until the pipe drains (-1: wait).
 	 */
 	if (recv(src, &b, 1, MSG_DONTWAIT | MSG_PEEK) != 1)
 		return 0;
 	if (write(d->p[1], &b, 1) != 1)
-		return 0;
+		return -1;
 	(void)recv(src, &b, 1, MSG_DONTWAIT);
 	d->inpipe++;
 	d->total++;
@@ -1321,12 +1324,14 @@ pump(struct dir *d, int src, int dst, int *moved, int *more)
 				if (d->inpipe >= d->cap / 2 && d->cap < PIPE_SIZE &&
 				    grow_pipes)
 					grow_pipe(d);
-			} else if ((n == 0 || errno == EAGAIN) &&
-			    urgent_step(d, src, n == 0))
-				progress = 1;
-			else if (n == 0)
-				d->eof = 1;
-			else if (errno != EAGAIN && errno != EINTR)
+			} else if (n == 0 || errno == EAGAIN) {
+				int u = urgent_step(d, src, n == 0);
+
+				if (u > 0)
+					progress = 1;
+				else if (u == 0 && n == 0)
+					d->eof = 1;
+			} else if (errno != EINTR)
 				return -1;
 		}
 		if (d->inpipe > 0) {
