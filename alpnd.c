@@ -746,8 +746,8 @@ respond(struct conn *c, int64_t now)
 		 * responder is found before it is written, not after.
 		 */
 		if (access(respond_path, X_OK) == -1) {
-			finish(c, EX_UNAVAILABLE, "exec %s: %s", respond_path,
-			    strerror(errno));
+			finish(c, EX_UNAVAILABLE, "exec: %s: %s",
+			    strerror(errno), respond_path);
 			return;
 		}
 		snprintf(c->result, sizeof(c->result), "exec %s", respond_path);
@@ -764,8 +764,8 @@ respond(struct conn *c, int64_t now)
 		execve(respond_path, argv, environ);
 		e = errno;
 		signal(SIGPIPE, SIG_IGN);
-		finish(c, EX_UNAVAILABLE, "exec %s: %s", respond_path,
-		    strerror(e));
+		finish(c, EX_UNAVAILABLE, "exec: %s: %s", strerror(e),
+		    respond_path);
 		return;
 	}
 
@@ -812,14 +812,14 @@ out:
 fail:
 	if (e != 0) {
 		finish(c, e == ENOMEM ? EX_OSERR : EX_UNAVAILABLE,
-		    "exec %s: %s", respond_path, strerror(e));
+		    "exec: %s: %s", strerror(e), respond_path);
 		return;
 	}
 	nchild++;
 	/* The child has the connection now: no draining its bytes. */
 	close(c->cfd);
 	c->cfd = -1;
-	finish(c, EX_OK, "exec %s pid %ld", respond_path, (long)pid);
+	finish(c, EX_OK, "exec pid %ld %s", (long)pid, respond_path);
 }
 
 static void
