@@ -6,6 +6,7 @@ import contextlib
 import json
 import re
 import shutil
+import signal
 import os
 import socket
 import stat
@@ -1343,3 +1344,129 @@ def test_listening_mode_resolves_backends_at_start():
                      "-x", "1"]) as (ls, p):
         assert p.wait(timeout=30) == 69
         assert b"nonexistent.invalid" in p.stderr.read()
+
+
+# --- listening-socket mode: reload and stop ----------------------------------
+
+def _held(port):
+    """A relayed connection that stays open: send a line, get it back."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+
+    def ask(line):
+        s.sendall(line)
+        got = b""
+        while len(got) < len(line):
+            b = s.recv(65536)
+            if not b:
+                raise EOFError(got)
+            got += b
+        return got
+    return s, ask
+
+
+def test_reload_keeps_relays_takes_new_options_and_binary(activate,
+                                                          echo_backend,
+                                                          tmp_path):
+    """alpnd --reload PID OPTIONS: same PID, the binary at the path run
+    again (a new file there is the new binary), the new options for new
+    connections, every established relay untouched, and no new connection
+    refused or lost while it happens."""
+    a_be, b_be = echo_backend("echo"), echo_backend("echo")
+    binary = tmp_path / "alpnd"
+    shutil.copy(ALPND, binary)
+    import conftest
+    old_alpnd = conftest.ALPND
+    conftest.ALPND = str(binary)
+    try:
+        a = activate(["--fallback", a_be.addr, "--acme", "127.0.0.1:9",
+                      "--exit-idle", "30"], mode="listen")
+    finally:
+        conftest.ALPND = old_alpnd
+    pid = a.proc.pid
+    s, ask = _held(a.port)
+    assert ask(b"before\n") == b"before\n"
+    ino = os.stat("/proc/%d/exe" % pid).st_ino
+    # the new binary: a new file at the same path, as make install does
+    shutil.copy(ALPND, tmp_path / "alpnd.new")
+    os.rename(tmp_path / "alpnd.new", binary)
+    stop = threading.Event()
+    failures, done = [], [0]
+
+    def steady():
+        k = 0
+        while not stop.is_set() and k < 2000:
+            k += 1
+            try:
+                got = exchange(a.port, b"n%d" % k, timeout=5)
+                if got != b"n%d" % k:
+                    failures.append((k, got))
+            except OSError as e:
+                failures.append((k, repr(e)))
+            done[0] = k
+    t = threading.Thread(target=steady)
+    t.start()
+    try:
+        wait_for(lambda: done[0] >= 5, 10, "steady connections")
+        r = subprocess.run([str(binary), "--reload", str(pid), "--fallback",
+                            b_be.addr, "--acme", "127.0.0.1:9",
+                            "--exit-idle", "30"], capture_output=True,
+                           text=True, timeout=20)
+        assert r.returncode == 0, r.stderr
+        n = done[0]
+        wait_for(lambda: done[0] >= n + 5, 10, "connections after reload")
+    finally:
+        stop.set()
+        t.join(30)
+    assert failures == []
+    assert ask(b"after\n") == b"after\n"     # the held relay, to a_be
+    assert a_be.conns[0].data.startswith(b"before\nafter\n")
+    assert exchange(a.port, b"new") == b"new"
+    assert b_be.conns and b_be.conns[-1].data == b"new"
+    assert a.proc.poll() is None
+    assert os.stat("/proc/%d/exe" % pid).st_ino != ino
+    assert os.stat("/proc/%d/exe" % pid).st_ino == os.stat(binary).st_ino
+    s.close()
+    wait_log(a.log, r"reload: \d+ connections stay with pid \d+")
+
+
+def test_reload_with_bad_options_changes_nothing(activate, echo_backend):
+    be = echo_backend("echo")
+    a = activate(["--fallback", be.addr, "--acme", "127.0.0.1:9",
+                  "--exit-idle", "30"], mode="listen")
+    r = subprocess.run([ALPND, "--reload", str(a.proc.pid), "--fallback",
+                        "nonsense", "--acme", "127.0.0.1:9"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 64, r.stderr
+    assert exchange(a.port, b"still") == b"still"
+    assert "reload" not in a.text()
+
+
+def test_stop_serves_the_queue_and_drains(activate, echo_backend):
+    """SIGTERM: clients already queued are served, relays go on until
+    they end or --drain passes, then one line counts what was cut."""
+    be = echo_backend("echo")
+    a = activate(["--fallback", be.addr, "--acme", "127.0.0.1:9",
+                  "--exit-idle", "30", "--drain", "1.5"], mode="listen")
+    s, ask = _held(a.port)
+    assert ask(b"x") == b"x"
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    queued = []
+    try:
+        for k in range(5):      # connected, not yet accepted
+            q = socket.create_connection(("127.0.0.1", a.port), timeout=10)
+            q.sendall(b"q%d" % k)
+            q.shutdown(socket.SHUT_WR)
+            queued.append(q)
+        os.kill(a.proc.pid, signal.SIGTERM)
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    for k, q in enumerate(queued):
+        assert recv_all(q, 10) == b"q%d" % k
+        q.close()
+    assert ask(b"still relayed") == b"still relayed"
+    t0 = time.monotonic()
+    assert a.proc.wait(10) == 0
+    assert 0.5 < time.monotonic() - t0 < 5
+    assert len(re.findall(r"connections cut after the drain", a.text())) == 1
+    assert re.search(r"stopping: 1 connections cut after the drain", a.text())
+    s.close()
