@@ -46,6 +46,7 @@
 #include <unistd.h>
 
 #include "alpnparse.h"
+#include "sources.h"
 
 #ifndef ALPND_VERSION
 #define ALPND_VERSION		"unknown"
@@ -126,6 +127,7 @@ struct conn {
 	struct dir	 up, dn;	/* client->backend, backend->client */
 	struct sockaddr_storage peer;
 	socklen_t	 peerlen;
+	struct source	*src;		/* its client address, --max-per-source */
 	struct alpn_proxy px;
 	int		 have_px;	/* px holds a TCP4/TCP6 client */
 	char		 sni[256];
@@ -153,6 +155,8 @@ static int64_t		 idle_timeout;	/* 0: none */
 static int64_t		 exit_idle = -1;	/* -1: never */
 static int64_t		 drain = 30 * SEC;	/* stop: relays may finish */
 static pid_t		 reload_pid;	/* --reload PID */
+static size_t		 max_conn;	/* 0: from the descriptor limit */
+static unsigned		 max_per_source = 256;	/* 0: no limit */
 static int		 verbose;	/* -1 quiet, 0, 1 verbose */
 
 /* State. */
@@ -177,6 +181,13 @@ static enum {
 	REPLACED	/* reloaded: this copy only finishes its relays */
 }			 run_state;
 static int64_t		 drain_at;
+static int		 reserve_fd = -1;	/* given up to shed a client on EMFILE */
+/* Connections closed at once for a bound, logged once per SUMMARY_US. */
+static struct {
+	unsigned long	 total, source, fds;
+	int64_t		 log_at;	/* 0: nothing to say */
+} over;
+#define SUMMARY_US	(10 * SEC)
 static char		 self_path[4096];	/* the binary a reload executes */
 static char		**self_argv;
 
@@ -234,6 +245,10 @@ usage(int code)
 	    "  -x, --exit-idle SECS      listening-socket mode: exit after SECS with no connection\n"
 	    "  -D, --drain SECS          listening-socket mode: on SIGTERM, let relays finish\n"
 	    "                            this long (default 30)\n"
+	    "  -m, --max-conn N          listening-socket mode: connections held at once\n"
+	    "                            (default: what the descriptor limit allows)\n"
+	    "  -s, --max-per-source N    listening-socket mode: connections held per client\n"
+	    "                            address (default 256, 0: no limit)\n"
 	    "  -R, --reload PID          have the alpnd PID (listening-socket mode) run again\n"
 	    "                            with the options that follow, relays untouched\n"
 	    "  -v, --verbose / -q, --quiet / -V, --version / -h, --help\n"
@@ -471,6 +486,20 @@ proxy_version(const char *s, const char *opt)
 	die(EX_USAGE, "%s %s: expected v1 or v2", opt, s);
 }
 
+static size_t
+parse_count(const char *s, const char *opt, unsigned long min)
+{
+	unsigned long v;
+	char *end;
+
+	errno = 0;
+	v = strtoul(s, &end, 10);
+	if (*s < '0' || *s > '9' || *end != '\0' || errno || v < min ||
+	    v > 1000000000UL)
+		die(EX_USAGE, "%s %s: expected a number", opt, s);
+	return v;
+}
+
 static int64_t
 parse_secs(const char *s, const char *opt, int zero_ok)
 {
@@ -617,6 +646,8 @@ finish(struct conn *c, int code, const char *fmt, ...)
 		single_done = 1;
 		return;
 	}
+	source_put(c->src);
+	c->src = NULL;
 	if (c->bfd != -1)
 		close(c->bfd);
 	if (c->cfd != -1) {
@@ -1500,6 +1531,8 @@ next_deadline(void)
 		d = q_relay.head->deadline;
 	if (listen_paused && resume_at < d)
 		d = resume_at;
+	if (over.log_at && over.log_at < d)
+		d = over.log_at;
 	return d;
 }
 
@@ -1544,10 +1577,64 @@ on_signal(int64_t now)
 			    WEXITSTATUS(status));
 }
 
+/* A client over a bound: closed at once, counted, summarised later. */
+static void
+shed(int fd, unsigned long *counter, int64_t now)
+{
+	const struct linger lg = { 1, 0 };
+
+	(void)setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	close(fd);
+	(*counter)++;
+	if (over.log_at == 0)
+		over.log_at = now + SUMMARY_US;
+}
+
+static void
+over_summary(int64_t now, int force)
+{
+	if (over.log_at == 0 || (!force && now < over.log_at))
+		return;
+	logmsg(LOG_WARNING, "over the bounds in the last %lld s: %lu closed "
+	    "at once (%lu over --max-conn %zu, %lu over --max-per-source %u, "
+	    "%lu short of descriptors)", (long long)(SUMMARY_US / SEC),
+	    over.total + over.source + over.fds, over.total, max_conn,
+	    over.source, max_per_source, over.fds);
+	over.total = over.source = over.fds = 0;
+	over.log_at = 0;
+}
+
+/*
+ * Out of descriptors: give up the reserve, take the client that is first
+ * in the queue and close it, take the reserve back.  The queue keeps
+ * moving (nothing spins on EMFILE, nothing waits behind it) and those who
+ * came too many are told at once.
+ */
+static int
+shed_one(int64_t now)
+{
+	int fd;
+
+	while (nspares > 0) {		/* spare pipes are a luxury now */
+		nspares--;
+		close(spares[nspares].p[0]);
+		close(spares[nspares].p[1]);
+	}
+	if (reserve_fd == -1)
+		return -1;
+	close(reserve_fd);
+	fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	if (fd != -1)
+		shed(fd, &over.fds, now);
+	reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	return fd == -1 ? -1 : 0;
+}
+
 static int
 accept_some(int64_t now)
 {
 	struct sockaddr_storage ss;
+	struct source *src;
 	socklen_t sl;
 	struct conn *c;
 	int fd, i;
@@ -1559,16 +1646,13 @@ accept_some(int64_t now)
 		if (fd == -1) {
 			if (errno == EAGAIN || errno == EWOULDBLOCK)
 				return 0;
+			if ((errno == EMFILE || errno == ENFILE) &&
+			    shed_one(now) == 0)
+				continue;
 			if (errno == EMFILE || errno == ENFILE ||
 			    errno == ENOBUFS || errno == ENOMEM) {
 				logmsg(LOG_ERR, "accept: %s: pausing",
 				    strerror(errno));
-				/* Spare pipes are a luxury now. */
-				while (nspares > 0) {
-					nspares--;
-					close(spares[nspares].p[0]);
-					close(spares[nspares].p[1]);
-				}
 				epoll_ctl(ep, EPOLL_CTL_DEL, lfd, NULL);
 				listen_paused = 1;
 				resume_at = now + SEC / 10;
@@ -1580,11 +1664,24 @@ accept_some(int64_t now)
 			logmsg(LOG_ERR, "accept: %s", strerror(errno));
 			return 0;
 		}
+		if (nconn >= max_conn) {
+			shed(fd, &over.total, now);
+			continue;
+		}
+		src = NULL;
+		if (max_per_source && !accept_proxy &&
+		    source_get((struct sockaddr *)&ss, max_per_source,
+		    &src) == -1) {
+			shed(fd, &over.source, now);
+			continue;
+		}
 		if ((c = conn_new(fd, now)) == NULL) {
 			logmsg(LOG_ERR, "out of memory");
+			source_put(src);
 			close(fd);
 			continue;
 		}
+		c->src = src;
 		memcpy(&c->peer, &ss, sl < sizeof(ss) ? sl : sizeof(ss));
 		c->peerlen = sl;
 		c->nonblock = 1;
@@ -1630,6 +1727,7 @@ forget_connections(void)
 	for (i = 0; i < sizeof(qs) / sizeof(qs[0]); i++)
 		while ((c = qs[i]->head) != NULL) {
 			q_remove(c);
+			source_put(c->src);
 			if (c->cfd != -1)
 				close(c->cfd);
 			if (c->bfd != -1)
@@ -1863,6 +1961,7 @@ loop(void)
 		}
 		if (!listening)
 			continue;
+		over_summary(now, 0);
 		if (listen_paused && now >= resume_at) {
 			if (ep_add(lfd, &listener_tag, EPOLLIN) == 0)
 				listen_paused = 0;
@@ -1973,6 +2072,8 @@ main(int argc, char *argv[])
 		{ "respond",		required_argument,	NULL, 'r' },
 		{ "exit-idle",		required_argument,	NULL, 'x' },
 		{ "drain",		required_argument,	NULL, 'D' },
+		{ "max-conn",		required_argument,	NULL, 'm' },
+		{ "max-per-source",	required_argument,	NULL, 's' },
 		{ "reload",		required_argument,	NULL, 'R' },
 		{ "verbose",		no_argument,		NULL, 'v' },
 		{ "quiet",		no_argument,		NULL, 'q' },
@@ -1990,7 +2091,7 @@ main(int argc, char *argv[])
 	if ((self_argv = calloc(argc + 1, sizeof(*self_argv))) == NULL)
 		die(EX_OSERR, "out of memory");
 	memcpy(self_argv, argv, argc * sizeof(*argv));
-	while ((ch = getopt_long(argc, argv, "f:d:a:pP:A:t:i:r:x:D:R:vqVh", longopts,
+	while ((ch = getopt_long(argc, argv, "f:d:a:pP:A:t:i:r:x:D:m:s:R:vqVh", longopts,
 	    NULL)) != -1) {
 		switch (ch) {
 		case 'f':
@@ -2030,6 +2131,12 @@ main(int argc, char *argv[])
 			break;
 		case 'D':
 			drain = parse_secs(optarg, "--drain", 1);
+			break;
+		case 'm':
+			max_conn = parse_count(optarg, "--max-conn", 1);
+			break;
+		case 's':
+			max_per_source = parse_count(optarg, "--max-per-source", 0);
 			break;
 		case 'R': {
 			char *end;
@@ -2127,6 +2234,16 @@ main(int argc, char *argv[])
 			rl.rlim_cur = rl.rlim_max;
 			(void)setrlimit(RLIMIT_NOFILE, &rl);
 		}
+		/*
+		 * A relay holds six descriptors (two sockets, two pipes);
+		 * keep 64 for the rest.  Beyond that, the reserve sheds.
+		 */
+		if (max_conn == 0 && getrlimit(RLIMIT_NOFILE, &rl) == 0)
+			max_conn = rl.rlim_cur == RLIM_INFINITY ||
+			    rl.rlim_cur > 6000000 ? 1000000 :
+			    rl.rlim_cur > 64 + 6 * 16 ? (rl.rlim_cur - 64) / 6 : 16;
+		sources_init();
+		reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 		(void)fcntl(lfd, F_SETFD, FD_CLOEXEC);
 		/*
 		 * accept_some() loops until EAGAIN; systemd (without
@@ -2158,6 +2275,7 @@ main(int argc, char *argv[])
 			die(EX_OSERR, "epoll_ctl: %s", strerror(errno));
 		logmsg(LOG_DEBUG, "listening-socket mode on fd %d", lfd);
 		loop();
+		over_summary(now_us(), 1);
 		return EX_OK;
 	}
 

@@ -1470,3 +1470,86 @@ def test_stop_serves_the_queue_and_drains(activate, echo_backend):
     assert len(re.findall(r"connections cut after the drain", a.text())) == 1
     assert re.search(r"stopping: 1 connections cut after the drain", a.text())
     s.close()
+
+
+# --- listening-socket mode: bounds --------------------------------------------
+
+def _closed_at_once(s, timeout=2):
+    """The connection was closed by alpnd without waiting for anything."""
+    s.settimeout(timeout)
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_bounds_per_source_and_in_all(activate, echo_backend):
+    """--max-per-source and --max-conn: what goes over is closed at once;
+    other addresses are still served; one summary line counts them."""
+    be = echo_backend("echo")
+    a = activate(["--fallback", be.addr, "--acme", "127.0.0.1:9",
+                  "--exit-idle", "30", "--max-per-source", "3",
+                  "--max-conn", "5", "--drain", "1"], mode="listen")
+    held = [socket.create_connection(("127.0.0.1", a.port))
+            for _ in range(3)]
+    for s in held:      # accepted and waiting for a hello: not closed
+        s.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            s.recv(1)
+    extra = [socket.create_connection(("127.0.0.1", a.port))
+             for _ in range(2)]
+    assert all(_closed_at_once(s) for s in extra)
+    # another address still gets in, up to --max-conn in all
+    s4 = socket.create_connection(("127.0.0.1", a.port),
+                                  source_address=("127.0.0.2", 0))
+    assert exchange(a.port, b"ok", source="127.0.0.3") == b"ok"
+    s5 = socket.create_connection(("127.0.0.1", a.port),
+                                  source_address=("127.0.0.4", 0))
+    s5.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        s5.recv(1)
+    s6 = socket.create_connection(("127.0.0.1", a.port),
+                                  source_address=("127.0.0.5", 0))
+    assert _closed_at_once(s6)
+    # no line per refused connection; one summary at the end
+    assert "over the bounds" not in a.text()
+    for s in held + extra + [s4, s5, s6]:
+        s.close()
+    os.kill(a.proc.pid, signal.SIGTERM)
+    assert a.proc.wait(10) == 0
+    lines = re.findall(r"over the bounds.*", a.text())
+    assert len(lines) == 1, a.text()
+    assert "3 closed at once (1 over --max-conn 5, 2 over " \
+        "--max-per-source 3, 0 short of descriptors)" in lines[0], lines
+
+
+def test_out_of_descriptors_sheds_without_spinning(activate, echo_backend):
+    """At the descriptor limit the reserve descriptor is given up to take
+    and close the next client: the queue keeps moving, nothing spins, and
+    once descriptors are free again clients are served as before."""
+    be = echo_backend("echo")
+    a = activate(["--fallback", be.addr, "--acme", "127.0.0.1:9",
+                  "--exit-idle", "30", "--max-conn", "1000",
+                  "--max-per-source", "0", "--drain", "1"], mode="listen",
+                 prefix=("prlimit", "--nofile=48:48"))
+    pid = a.proc.pid
+
+    def cpu():
+        with open("/proc/%d/stat" % pid) as f:
+            st = f.read().rsplit(")", 1)[1].split()
+        return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+    c0 = cpu()
+    held = [socket.create_connection(("127.0.0.1", a.port))
+            for _ in range(120)]
+    shed = sum(_closed_at_once(s, 0.5) for s in held)
+    assert 60 <= shed < 120, shed
+    assert cpu() - c0 < 1.0
+    for s in held:
+        s.close()
+    wait_for(lambda: exchange(a.port, b"again", timeout=5) == b"again", 10,
+             "a client served again")
+    os.kill(pid, signal.SIGTERM)
+    assert a.proc.wait(10) == 0
+    assert re.search(r"\d+ short of descriptors", a.text())
