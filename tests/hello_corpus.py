@@ -23,6 +23,8 @@ Built from the real captures in tests/hellos (INDEX), in five groups:
             17 KB, 21 KB and 32 KB, in records of at most 16,384 bytes
   split     the hello re-framed in records of 1, 2, 5, 64 and 512 bytes, and
             some size variants in small records (over the wire cap)
+  trunc     the capture cut short (the client then half-closes): in the
+            record header, the handshake header, halfway, one byte short
   mutant    seeded random corruption of the above: 1-4 bytes replaced,
             truncation anywhere (the client then half-closes), a byte
             inserted or deleted, a length field set to 0 or 0xffff
@@ -374,6 +376,11 @@ def corpus(n_mutants=600):
     for name, h, _ in caps:
         for n in SPLITS:
             add("%s split=%d" % (name, n), frame(h.message(), n, h.rec_version))
+    # Cut short by the client's EOF: in the record header, in the handshake
+    # header, in the middle, one byte short.
+    for name, wire in bases:
+        for n in sorted({1, 3, 5, 6, 9, len(wire) // 2, len(wire) - 1}):
+            add("%s trunc=%d" % (name, n), wire[:n])
     # Big hellos in small records: over alpnd's wire cap as well.
     for label, msg, ver in sized[::5]:
         add("%s split=100" % label, frame(msg, 100, ver))
@@ -407,12 +414,12 @@ def corpus(n_mutants=600):
 
 
 def group(item):
-    """capture | sni | size | split | mutant | other"""
+    """capture | sni | size | split | trunc | mutant | other"""
     if " mut#" in item.how:
         return "mutant"
     if item.how.startswith("other "):
         return "other"
-    for g in ("split", "size", "sni", "capture"):
+    for g in ("split", "size", "sni", "trunc", "capture"):
         if " %s" % g in item.how:
             return g
     raise ValueError(item.how)

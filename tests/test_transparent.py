@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ALPND, ROOT, wait_for
+from conftest import ALPND, ROOT, parse_logs, wait_for
 import hello_corpus
 
 WORKERS = 12            # client connections in flight at once
@@ -79,13 +79,16 @@ def _classify(buf, end):
     return "bytes %s%s" % (buf[:16].hex(), "" if end is None else " then " + end)
 
 
-def outcome(port, data):
-    """Connect, send data, half-close, read until the outcome is known."""
+def outcome(port, data, where=None):
+    """Connect, send data, half-close, read until the outcome is known.
+    where, a dict, gets the client's port ("client") for the log lines."""
     end = time.monotonic() + READ_TIMEOUT
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.settimeout(READ_TIMEOUT)
         s.connect(("127.0.0.1", port))
+        if where is not None:
+            where["client"] = "127.0.0.1:%d" % s.getsockname()[1]
         try:
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
@@ -141,7 +144,7 @@ def test_corpus_is_large_deterministic_and_acme_free():
     assert [x.data for x in a] == [x.data for x in b], "corpus is not deterministic"
     assert len({x.how for x in a}) == len(a), "descriptions are not unique"
     groups = collections.Counter(hello_corpus.group(x) for x in a)
-    for g in ("capture", "sni", "size", "split", "mutant", "other"):
+    for g in ("capture", "sni", "size", "split", "trunc", "mutant", "other"):
         assert groups[g] > 0, (g, groups)
     for x in a:
         assert hello_corpus.ACME not in x.data, x.how
@@ -168,17 +171,40 @@ def test_every_hello_gets_the_web_servers_answer(nginx, inetd, procs, tmp_path,
                ("listening", listen_port)]
     t0 = time.monotonic()
     jobs = [(it.idx, name, port, it.data) for it in corpus for name, port in targets]
+
+    def run(job):
+        where = {}
+        return job[0], job[1], outcome(job[2], job[3], where), where.get("client")
     with ThreadPoolExecutor(WORKERS) as pool:
-        got = list(pool.map(lambda j: (j[0], j[1], outcome(j[2], j[3])), jobs))
+        got = list(pool.map(run, jobs))
     elapsed = time.monotonic() - t0
     res = collections.defaultdict(dict)
-    for idx, name, out in got:
+    client = {}
+    for idx, name, out, cl in got:
         res[idx][name] = out
+        client[idx, name] = cl
 
     # Every per-connection alpnd exited by itself; the listener is alive.
     per_conn.wait_results(len(corpus), timeout=30)
     assert listener.poll() is None, "listening-mode alpnd died: see %s" % listen_log
     rcs = collections.Counter(r.rc for r in per_conn.results)
+    # Each connection's log line: which route alpnd took (by client port).
+    lines = {("per-connection", x["client"]): x for r in per_conn.results
+             for x in parse_logs(r.stderr)}
+
+    def listen_lines():
+        with open(listen_log, errors="replace") as f:
+            return parse_logs(f.read())
+    wait_for(lambda: len(listen_lines()) >= len(corpus), 15,
+             "%d log lines from the listening-mode alpnd" % len(corpus))
+    lines.update({("listening", x["client"]): x for x in listen_lines()})
+    for it in corpus:
+        for m, _ in targets[1:]:
+            x = lines.get((m, client[it.idx, m]))
+            res[it.idx][m + " log"] = ("%s %s %s" % (x["route"], x["up"], x["result"])
+                                       if x else "no log line")
+    not_relayed = [(it, m) for it in corpus for m, _ in targets[1:]
+                   if not res[it.idx][m + " log"].startswith("fallback ")]
 
     diffs = []
     for it in corpus:
@@ -197,27 +223,39 @@ def test_every_hello_gets_the_web_servers_answer(nginx, inetd, procs, tmp_path,
              len(responder.marker.read_text().splitlines()) >= len(ran.splitlines()) + 2,
              10, "the responder to run for the two acme-tls/1 control hellos")
 
-    summary = _report(corpus, res, diffs, targets, rcs, elapsed)
+    summary = _report(corpus, res, diffs, targets, rcs, elapsed, not_relayed)
     assert not direct_timeouts, "nginx itself did not answer: %r" % direct_timeouts[:10]
     assert not ran, "the responder ran for a hello without acme-tls/1:\n" + ran
     if diffs:
         pytest.fail(summary, pytrace=False)
+    # Same answer is not enough where nginx and a drop both just close:
+    # alpnd's own log line must say it relayed the hello to the fallback.
+    if not_relayed:
+        pytest.fail("%d connections not relayed to the fallback, e.g.\n%s" % (
+            len(not_relayed), "\n".join("%5d %-50s %-14s %s" % (
+                it.idx, it.how, m, res[it.idx][m + " log"]) for it, m in not_relayed[:30])),
+            pytrace=False)
 
 
-def _report(corpus, res, diffs, targets, rcs, elapsed):
+def _report(corpus, res, diffs, targets, rcs, elapsed, not_relayed):
     """A compact table of the differing hellos; the whole table (every
     hello) goes to build/transparent-diff.txt for a closer look."""
     by_group = collections.Counter(hello_corpus.group(it) for it, _, _ in diffs)
     by_mode = collections.Counter(m for _, _, bad in diffs for m in bad)
     sizes = collections.Counter(hello_corpus.group(it) for it in corpus)
+    nr = collections.Counter(m for _, m in not_relayed)
     head = ("%d of %d hellos differ (per-connection %d, listening %d) in %.1fs; "
-            "by group: %s (corpus: %s); per-connection exit codes: %s"
+            "by group: %s (corpus: %s); not relayed to the fallback: per-connection %d, "
+            "listening %d; per-connection exit codes: %s"
             % (len(diffs), len(corpus), by_mode["per-connection"], by_mode["listening"],
-               elapsed, dict(by_group), dict(sizes), dict(rcs)))
-    fmt = "%5s  %-52.52s  %-28s  %-28s  %-28s"
-    rows = [fmt % ("idx", "how", "direct", "per-connection", "listening")]
+               elapsed, dict(by_group), dict(sizes), nr["per-connection"], nr["listening"],
+               dict(rcs)))
+    fmt = "%5s  %-52.52s  %-28s  %-28s  %-28s  %s"
+    rows = [fmt % ("idx", "how", "direct", "per-connection", "listening",
+                   "alpnd log (per-connection): route up result")]
     for it, r, _ in diffs:
-        rows.append(fmt % (it.idx, it.how, r["direct"], r["per-connection"], r["listening"]))
+        rows.append(fmt % (it.idx, it.how, r["direct"], r["per-connection"], r["listening"],
+                           r["per-connection log"]))
     try:
         os.makedirs(os.path.dirname(REPORT), exist_ok=True)
         with open(REPORT, "w") as f:
@@ -226,7 +264,7 @@ def _report(corpus, res, diffs, targets, rcs, elapsed):
             for it in corpus:
                 r = res[it.idx]
                 f.write(fmt % (it.idx, it.how, r["direct"], r["per-connection"],
-                               r["listening"]) + "\n")
+                               r["listening"], r["per-connection log"]) + "\n")
     except OSError:
         pass
     shown = rows[:1 + 60]
