@@ -150,8 +150,7 @@ def test_corpus_is_large_deterministic_and_acme_free():
         assert hello_corpus.ACME not in x.data, x.how
 
 
-def test_every_hello_gets_the_web_servers_answer(nginx, inetd, procs, tmp_path,
-                                                   responder):
+def test_every_hello_gets_the_web_servers_answer(nginx, inetd, procs, responder):
     corpus = hello_corpus.corpus()
     n = nginx()
     args = ["--fallback", n.addr, "--certs", responder.dir,
@@ -216,7 +215,8 @@ def test_every_hello_gets_the_web_servers_answer(nginx, inetd, procs, tmp_path,
     ran = responder.marker.read_text() if responder.marker.exists() else ""
 
     # The control: an acme-tls/1 hello does reach the responder.
-    acme = open(os.path.join(hello_corpus.HELLOS, "go-acme.bin"), "rb").read()
+    with open(os.path.join(hello_corpus.HELLOS, "go-acme.bin"), "rb") as f:
+        acme = f.read()
     for _, port in targets[1:]:
         outcome(port, acme)
     wait_for(lambda: responder.marker.exists() and
