@@ -5,6 +5,7 @@ systemd-socket-activate, tcpserver, xinetd, nginx, curl, openssl, gnutls-cli.
 import contextlib
 import json
 import re
+import shutil
 import os
 import socket
 import stat
@@ -620,14 +621,18 @@ def test_slow_clients_closed_by_deadline(inetd, echo_backend, what):
 
 
 def test_client_gives_up_mid_hello(inetd, echo_backend):
+    """A hello cut short by the client's EOF is not alpnd's to judge: the
+    web server gets the same bytes and the same EOF, and answers."""
     b = echo_backend("echo")
     i = inetd(["--fallback", b.addr, "--acme", "127.0.0.1:9"])
-    assert exchange(i.port, client_hello()[:100]) == b""
+    part = client_hello()[:100]
+    assert exchange(i.port, part) == part
     res = i.wait_results(1)[0]
-    assert res.rc == 65 and "truncated" in res.stderr, res
+    assert res.rc == 0, res
+    assert parse_logs(res.stderr)[0]["route"] == "fallback", res
     assert exchange(i.port, b"") == b""
     assert i.wait_results(2)[1].rc == 0
-    assert b.conns == []
+    assert [c.data for c in b.conns] == [part]
 
 
 def test_backend_refusing(inetd):
@@ -924,7 +929,8 @@ def test_proxy_client_passed_to_responder(activate, recorder, mode):
 
 def test_missing_responder(inetd, activate, tmp_path):
     """No responder where --respond says: exit 69 with a reason in per-
-    connection mode; in listening mode the others are still served."""
+    connection mode, in one log line (not an "exec" line and then a failure
+    line); in listening mode the others are still served."""
     certs = tmp_path / "c"
     certs.mkdir()
     missing = str(tmp_path / "no-such-responder")
@@ -933,6 +939,9 @@ def test_missing_responder(inetd, activate, tmp_path):
     assert exchange(i.port, client_hello("m.test", ["acme-tls/1"])) == b""
     res = i.wait_results(1)[0]
     assert res.rc == 69 and "No such file" in res.stderr, res
+    lines = res.stderr.strip().split("\n")
+    assert len(lines) == 1 and len(parse_logs(res.stderr)) == 1, res
+    assert parse_logs(res.stderr)[0]["route"] == "respond", res
     a = activate(["--fallback", "127.0.0.1:9", "--certs", str(certs),
                   "--respond", missing, "--exit-idle", "30"], mode="listen")
     for _ in range(2):
@@ -941,6 +950,126 @@ def test_missing_responder(inetd, activate, tmp_path):
     lines = a.wait_lines(2)
     assert all("No such file" in x["result"] for x in lines), lines
     assert a.proc.poll() is None
+
+
+SPAWN_FAIL_SHIM = r"""
+#include <errno.h>
+#include <spawn.h>
+int posix_spawnattr_init(posix_spawnattr_t *a) { (void)a; return ENOMEM; }
+"""
+
+
+def test_spawn_failure_frees_what_it_made(activate, recorder, tmp_path,
+                                          monkeypatch):
+    """posix_spawn's set-up failing half-way (posix_spawnattr_init, made to
+    fail with ENOMEM by an LD_PRELOAD shim) frees the file actions made
+    before it: LeakSanitizer in the sanitizer build says so at exit."""
+    asan_alpnd = os.path.join(ROOT, "build", "asan", "alpnd")
+    if not os.path.exists(asan_alpnd):
+        pytest.fail("build/asan/alpnd missing: make asan")
+    shim = tmp_path / "spawnfail.so"
+    src = tmp_path / "spawnfail.c"
+    src.write_text(SPAWN_FAIL_SHIM)
+    import conftest
+    monkeypatch.setattr(conftest, "ALPND", asan_alpnd)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(src)],
+                   check=True, timeout=60)
+    a = activate(["--fallback", "127.0.0.1:9", "--certs", recorder.dir,
+                  "--respond", recorder.path, "--exit-idle", "0.5"],
+                 mode="listen",
+                 env={"LD_PRELOAD": str(shim),
+                      "ASAN_OPTIONS": "verify_asan_link_order=0:"
+                                      "detect_leaks=1:exitcode=66",
+                      "LSAN_OPTIONS": "exitcode=66"})
+    assert exchange(a.port, client_hello("leak.test", ["acme-tls/1"])) \
+        == b""
+    line = a.wait_lines(1)[0]
+    assert "Cannot" in line["result"], line
+    rc = a.proc.wait(15)
+    assert rc == 0, a.text()[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["inetd", "listen"])
+def test_inherited_alpnd_client_never_reaches_the_responder(activate,
+                                                            recorder, mode):
+    """ALPND_CLIENT in alpnd's own environment is not a client address:
+    only an accepted PROXY header may set it for the responder."""
+    a = activate(["--fallback", "127.0.0.1:9", "--certs", recorder.dir,
+                  "--respond", recorder.path, "--exit-idle", "30"],
+                 mode=mode, env={"ALPND_CLIENT": "198.51.100.66:1"})
+    s = socket.create_connection(("127.0.0.1", a.port))
+    s.sendall(client_hello("env.test", ["acme-tls/1"]))
+    assert recv_all(s) == b"RESPONDER\n"
+    s.close()
+    assert "ALPND_CLIENT" not in recorder.info()["env"]
+
+
+def _full_unix_backend(path):
+    """A unix-socket backend whose accept queue is full: listen(1) and two
+    connections nobody accepted.  Returns (listener, the two fillers)."""
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(path)
+    ls.listen(1)
+    fill = []
+    for _ in range(8):      # the backlog is a little more than asked
+        f = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        f.setblocking(False)
+        try:
+            f.connect(path)
+        except BlockingIOError:
+            f.close()
+            break
+        fill.append(f)
+    assert fill, "could not fill the accept queue"
+    return ls, fill
+
+
+@pytest.mark.parametrize("mode", ["inetd", "listen"])
+def test_busy_unix_backend_is_waited_for(activate, tmp_path, mode):
+    """A unix-socket backend with a full accept queue says EAGAIN where
+    TCP would queue the SYN: alpnd waits (until the connect deadline) as
+    TCP would, instead of failing the burst."""
+    path = str(tmp_path / "busy.sock")
+    ls, fill = _full_unix_backend(path)
+    a = activate(["--fallback", "unix:" + path, "--acme", "127.0.0.1:9",
+                  "--exit-idle", "30", "-v"], mode=mode)
+    n = 20
+    got = [None] * n
+
+    def client(k):
+        try:
+            got[k] = exchange(a.port, b"GET /%d HTTP/1.0\r\n\r\n" % k,
+                              timeout=20)
+        except OSError as e:
+            got[k] = repr(e)
+    ts = [threading.Thread(target=client, args=(k,)) for k in range(n)]
+    for t in ts:
+        t.start()
+    # every relay met the full queue before the backend moves
+    wait_for(lambda: a.text().count("accept queue full, waiting") >= n, 10,
+             "%d relays to find the backend's queue full" % n)
+    for f in fill:
+        f.close()
+    served = 0
+    ls.settimeout(15)
+    while served < n:
+        c, _ = ls.accept()
+        c.settimeout(10)
+        data = b""
+        while not data.endswith(b"\r\n\r\n"):
+            b = c.recv(4096)
+            if not b:
+                break
+            data += b
+        if data:            # not one of the fillers, closed unaccepted
+            c.sendall(b"echo " + data)
+            served += 1
+        c.close()
+    for t in ts:
+        t.join(25)
+    want = [b"echo GET /%d HTTP/1.0\r\n\r\n" % k for k in range(n)]
+    assert got == want
+    ls.close()
 
 
 def _journal_run(env_stream):
@@ -1078,6 +1207,42 @@ def test_urgent_byte_is_relayed_inline_and_nothing_after_it_is_lost(inetd, echo_
     assert back == b"hello !world"
     r = srv.wait_results(1)[0]
     assert r.rc == 0, r.stderr
+
+
+def test_urgent_byte_waits_for_room_in_the_pipe(tmp_path, echo_backend):
+    """When the pipe cannot take the urgent byte (a pipe counts its room
+    in pages: full although it holds fewer bytes than its size), the byte
+    stays in the socket until it can: strace makes that one pipe write(2)
+    fail with EAGAIN, as a full pipe would."""
+    if shutil.which("strace") is None:
+        pytest.fail("strace is not installed (tests/deps check)")
+    be = echo_backend("echo")
+    trace = tmp_path / "strace.log"
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    argv = ["strace", "-qq", "-o", str(trace), "-e", "trace=write",
+            "-e", "inject=write:error=EAGAIN:when=1", ALPND,
+            "-f", be.addr, "-a", be.addr]
+    with socket.create_connection(ls.getsockname()) as s:
+        c, _ = ls.accept()
+        p = subprocess.Popen(argv, stdin=c, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+        c.close()
+        try:
+            s.settimeout(8)
+            s.sendall(b"hello ")
+            assert _read_to_eof(s, limit=6) == b"hello "
+            s.send(b"!", socket.MSG_OOB)
+            wait_for(lambda: "INJECTED" in trace.read_text(), 10,
+                     "the pipe write to fail")
+            s.sendall(b"world")
+            s.shutdown(socket.SHUT_WR)
+            back = _read_to_eof(s)
+        finally:
+            err = p.communicate(timeout=15)[1]
+    assert back == b"!world", err
+    assert p.returncode == 0, err
 
 
 def test_backend_reset_reaches_the_client_as_a_reset(inetd):
