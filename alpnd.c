@@ -1606,14 +1606,15 @@ over_summary(int64_t now, int force)
 
 /*
  * Out of descriptors: give up the reserve, take the client that is first
- * in the queue and close it, take the reserve back.  The queue keeps
+ * in the queue and close it, take the reserve back (1; 0: the queue was
+ * empty; -1: no reserve to give).  The queue keeps
  * moving (nothing spins on EMFILE, nothing waits behind it) and those who
  * came too many are told at once.
  */
 static int
 shed_one(int64_t now)
 {
-	int fd;
+	int fd, e;
 
 	while (nspares > 0) {		/* spare pipes are a luxury now */
 		nspares--;
@@ -1624,10 +1625,14 @@ shed_one(int64_t now)
 		return -1;
 	close(reserve_fd);
 	fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	e = errno;
 	if (fd != -1)
 		shed(fd, &over.fds, now);
 	reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-	return fd == -1 ? -1 : 0;
+	if (fd != -1)
+		return 1;
+	errno = e;
+	return e == EAGAIN || e == EWOULDBLOCK ? 0 : -1;
 }
 
 static int
@@ -1646,9 +1651,14 @@ accept_some(int64_t now)
 		if (fd == -1) {
 			if (errno == EAGAIN || errno == EWOULDBLOCK)
 				return 0;
-			if ((errno == EMFILE || errno == ENFILE) &&
-			    shed_one(now) == 0)
-				continue;
+			if (errno == EMFILE || errno == ENFILE) {
+				int r = shed_one(now);
+
+				if (r > 0)
+					continue;
+				if (r == 0)
+					return 0;
+			}
 			if (errno == EMFILE || errno == ENFILE ||
 			    errno == ENOBUFS || errno == ENOMEM) {
 				logmsg(LOG_ERR, "accept: %s: pausing",
