@@ -30,7 +30,7 @@ SAN		= -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-po
 FUZZ_SECONDS	?= 60
 
 PROGS		= alpnd alpnd-respond
-ALPND_SRC	= alpnd.c alpnparse.c sources.c
+ALPND_SRC	= alpnd.c listen.c conn.c handoff.c relay.c loop.c addr.c log.c sources.c alpnparse.c
 # Installed into DOCDIR/examples; placeholders substituted like the units'.
 EXAMPLES	= default-alpnd dehydrated-hook haproxy-backend.cfg nginx-backend.conf \
 		  tcpserver-run uacme-hook xinetd.alpnd
@@ -62,14 +62,14 @@ ALPND_CC	= $(CC)
 ALPND_LINK	?= -static-pie
 ALPND_LINK_END	=
 endif
-alpnd: $(ALPND_SRC) alpnparse.h sources.h
+alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h
 	$(ALPND_CC) $(ALL_CFLAGS) $(LDHARDEN) $(ALPND_LINK) $(LDFLAGS) -o $@ $(ALPND_SRC) $(ALPND_LINK_END)
 
 alpnd-respond: respond.c alpnparse.c alpnparse.h
 	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ respond.c alpnparse.c $(TLS_LIBS)
 
 # Sanitizer builds of everything, used by `make check` and the hostile suite.
-build/asan/alpnd: $(ALPND_SRC) alpnparse.h sources.h
+build/asan/alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h
 	@mkdir -p build/asan
 	$(CC) $(ALL_CFLAGS) $(SAN) -o $@ $(ALPND_SRC)
 
@@ -165,7 +165,7 @@ clean:
 # valgrind memcheck over the main paths (relay, ACME exec, bad hello,
 # PROXY, deadline, listening mode): slow, so not part of `make check`.
 # memcheck needs a dynamic alpnd (it replaces malloc in libc.so).
-build/valgrind/alpnd: $(ALPND_SRC) alpnparse.h sources.h
+build/valgrind/alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h
 	@mkdir -p build/valgrind
 	$(CC) $(ALL_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ $(ALPND_SRC)
 
