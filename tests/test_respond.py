@@ -444,6 +444,47 @@ def test_malformed_extensions(certs, responder, label, sni_body, alpn_body,
     assert ch.log()["reason"] == "malformed %s extension" % reason
 
 
+# One ClientHello policy for alpnd and alpnd-respond (alpnparse.h): each
+# hello here was judged differently by respond.c's former hand-written
+# extension reader (served, or refused for another reason); now, like any
+# hello alpnparse refuses, each ends with decode_error.
+ONE_POLICY = [
+    # (label, sni_body, alpn_body, reason)
+    # another name type first was skipped, and the host_name served
+    ("sni-other-type-first",
+     b"\x00\x14\x01\x00\x01x\x00\x00\x0dv.example.org", None,
+     "server_name"),
+    # an empty ServerNameList was "no SNI host_name" (unrecognized_name)
+    ("sni-empty-list", b"\x00\x00", None, "server_name"),
+    # an empty HostName was "empty name" (unrecognized_name)
+    ("sni-empty-name", b"\x00\x03\x00\x00\x00", None, "server_name"),
+    # two host_names were "more than one SNI host_name" (unrecognized_name)
+    ("sni-two-host-names",
+     b"\x00\x20\x00\x00\x0dv.example.org\x00\x00\x0dv.example.org", None,
+     "server_name"),
+    # an empty ProtocolNameList was no_application_protocol
+    ("alpn-empty-list", None, b"\x00\x00", "ALPN"),
+]
+
+
+@pytest.mark.parametrize("label,sni_body,alpn_body,reason", ONE_POLICY,
+                         ids=[m[0] for m in ONE_POLICY])
+def test_one_hello_policy(certs, responder, label, sni_body, alpn_body,
+                          reason):
+    assert make(certs, "v.example.org").returncode == 0
+    srv = responder()
+    # the same hello, well formed, is served
+    assert A.raw_exchange(srv.port, A.raw_client_hello(b"v.example.org")) \
+        == ("server_hello", None)
+    res = A.raw_exchange(srv.port, A.raw_client_hello(
+        b"v.example.org", sni_body=sni_body, alpn_body=alpn_body))
+    ch = srv.last()
+    assert res == ("alert", A.ALERT_DECODE_ERROR), (res, ch.stderr)
+    assert ch.rc == 65
+    assert ch.log()["result"] == "tls_error"
+    assert ch.log()["reason"] == "malformed %s extension" % reason
+
+
 def test_old_tls_versions_refused(certs, responder):
     assert make(certs, "v.example.org").returncode == 0
     srv = responder()
