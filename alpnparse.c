@@ -475,8 +475,8 @@ parse_ipv4(const uint8_t *s, size_t len, uint8_t out[4])
 	return i == len;
 }
 
-static int
-hexval(uint8_t c)
+int
+alpn_hexval(uint8_t c)
 {
 	if (c >= '0' && c <= '9')
 		return c - '0';
@@ -508,7 +508,7 @@ parse_ipv6(const uint8_t *s, size_t len, uint8_t out[16])
 			return 0;
 		start = i;
 		v = 0;
-		for (digits = 0; i < len && (d = hexval(s[i])) >= 0; digits++) {
+		for (digits = 0; i < len && (d = alpn_hexval(s[i])) >= 0; digits++) {
 			if (digits == 4)
 				return 0;
 			v = v << 4 | d;

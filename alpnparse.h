@@ -117,6 +117,9 @@ int alpn_next_proto(const struct alpn_hello *h, size_t *off,
  */
 int alpn_valid_hostname(const uint8_t *s, size_t len);
 
+/* The value of a hex digit (either case), or -1: for IPv6 text and AUTH. */
+int alpn_hexval(uint8_t c);
+
 enum alpn_proxy_family {
 	ALPN_PROXY_UNKNOWN = 0,	/* v1 UNKNOWN, v2 LOCAL or AF_UNSPEC/AF_UNIX */
 	ALPN_PROXY_TCP4,

@@ -179,23 +179,6 @@ escape(char *dst, size_t dstlen, const uint8_t *s, size_t len)
 	dst[o] = '\0';
 }
 
-static int
-is_hexdigit(int c)
-{
-	return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') ||
-	    (c >= 'A' && c <= 'F');
-}
-
-static int
-hexval(int c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	return c - 'A' + 10;
-}
-
 /*
  * RFC 8738 section 6: an IP identifier travels as its reverse name.
  * Accept exactly four decimal octets + "in-addr.arpa" or exactly 32
@@ -233,12 +216,12 @@ reverse_to_ip(const char *name, size_t len, uint8_t *ip, size_t *ip_len)
 	    strcmp(name + 64 - 1, v6) == 0) {
 		memset(ip, 0, 16);
 		for (i = 0; i < 32; i++) {
-			char c = name[2 * i];
+			int v = alpn_hexval((uint8_t)name[2 * i]);
 
-			if (!is_hexdigit(c) || name[2 * i + 1] != '.')
+			if (v < 0 || name[2 * i + 1] != '.')
 				return 0;
 			/* Nibbles run from the least significant one. */
-			ip[15 - i / 2] |= (uint8_t)(hexval(c) << (4 * (i % 2)));
+			ip[15 - i / 2] |= (uint8_t)(v << (4 * (i % 2)));
 		}
 		*ip_len = 16;
 		return 1;
@@ -1094,7 +1077,7 @@ parse_auth(const char *auth, uint8_t *digest, char *why, size_t whylen)
 {
 	size_t len = strlen(auth), i, nd;
 	uint32_t acc = 0;
-	int bits = 0, v;
+	int bits = 0, v, hi, lo;
 
 	if (strchr(auth, '.') != NULL) {
 		const char *dot = strchr(auth, '.');
@@ -1139,11 +1122,10 @@ parse_auth(const char *auth, uint8_t *digest, char *why, size_t whylen)
  hex:
 	nd = 0;
 	for (i = 0; i < len;) {
-		if (nd == DIGEST_LEN || !is_hexdigit(auth[i]) ||
-		    !is_hexdigit(auth[i + 1]))
+		if (nd == DIGEST_LEN || (hi = alpn_hexval((uint8_t)auth[i])) < 0 ||
+		    (lo = alpn_hexval((uint8_t)auth[i + 1])) < 0)
 			goto bad;
-		digest[nd++] = (uint8_t)(hexval(auth[i]) << 4 |
-		    hexval(auth[i + 1]));
+		digest[nd++] = (uint8_t)(hi << 4 | lo);
 		i += 2;
 		if (auth[i] == ':' && auth[i + 1] != '\0')
 			i++;

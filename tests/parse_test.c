@@ -811,6 +811,27 @@ test_client_hello_body(void)
 	    "status %d bad_ext %d", st, H.bad_ext);
 }
 
+/* alpn_hexval on every byte value. */
+static void
+test_hexval(void)
+{
+	static const char digits[] = "0123456789abcdef";
+	const char *d;
+	int c, want, bad = 0;
+
+	for (c = 0; c < 256; c++) {
+		d = c != 0 ? strchr(digits, tolower(c)) : NULL;
+		want = d != NULL ? (int)(d - digits) : -1;
+		if (alpn_hexval((uint8_t)c) != want) {
+			result(0, "hexval", "byte 0x%02x: %d", c,
+			    alpn_hexval((uint8_t)c));
+			bad = 1;
+		}
+	}
+	if (!bad)
+		result(1, "hexval", "%s", "");
+}
+
 /* --- PROXY protocol ------------------------------------------------- */
 
 #define V2SIG	"0d0a0d0a000d0a515549540a"
@@ -1267,6 +1288,7 @@ main(int argc, char *argv[])
 	run_vectors();
 	test_client_hello_body();
 	test_hostname();
+	test_hexval();
 	run_captures(dir);
 	run_proxy();
 	run_build();
