@@ -467,6 +467,53 @@ ONE_POLICY = [
 ]
 
 
+def with_extensions(hello, extra):
+    """raw_client_hello's record with extra extension bytes appended to its
+    extension block, every length fixed up."""
+    body = bytearray(hello[9:])
+    at = 2 + 32
+    at += 1 + body[at]                                  # session id
+    at += 2 + int.from_bytes(body[at:at + 2], "big")    # cipher suites
+    at += 1 + body[at]                                  # compression
+    body[at:at + 2] = (int.from_bytes(body[at:at + 2], "big")
+                       + len(extra)).to_bytes(2, "big")
+    body += extra
+    hs = b"\x01" + len(body).to_bytes(3, "big") + bytes(body)
+    return b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
+
+
+def ext(t, body):
+    return t.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+
+
+# Extension-block rules, now checked before GnuTLS sees the hello (it
+# served the first one and answered the others with other alerts).
+ONE_POLICY_BLOCK = [
+    # (label, extra extensions, reason)
+    ("duplicate-unknown-extension", ext(0x1234, b"") + ext(0x1234, b"x"),
+     "malformed ClientHello (extension 4660)"),
+    ("duplicate-alpn-extension", ext(16, b"\x00\x03\x02h2"),
+     "malformed ALPN extension"),
+    ("pre-shared-key-not-last", ext(41, b"\x00" * 10) + ext(0x4444, b""),
+     "malformed ClientHello (extension 41)"),
+]
+
+
+@pytest.mark.parametrize("label,extra,reason", ONE_POLICY_BLOCK,
+                         ids=[m[0] for m in ONE_POLICY_BLOCK])
+def test_one_hello_policy_extension_block(certs, responder, label, extra,
+                                          reason):
+    assert make(certs, "v.example.org").returncode == 0
+    srv = responder()
+    res = A.raw_exchange(srv.port, with_extensions(
+        A.raw_client_hello(b"v.example.org"), extra))
+    ch = srv.last()
+    assert res == ("alert", A.ALERT_DECODE_ERROR), (res, ch.stderr)
+    assert ch.rc == 65
+    assert ch.log()["result"] == "tls_error"
+    assert ch.log()["reason"] == reason
+
+
 @pytest.mark.parametrize("label,sni_body,alpn_body,reason", ONE_POLICY,
                          ids=[m[0] for m in ONE_POLICY])
 def test_one_hello_policy(certs, responder, label, sni_body, alpn_body,
