@@ -395,7 +395,7 @@ more:
  * client_hello, its 4-byte header already taken off (by GnuTLS).
  */
 enum alpn_status
-alpn_parse_client_hello(const uint8_t *msg, size_t len, struct alpn_hello *h)
+alpn_parse_hello_body(const uint8_t *msg, size_t len, struct alpn_hello *h)
 {
 	memset(h, 0, offsetof(struct alpn_hello, scratch));
 	h->bad_ext = -1;

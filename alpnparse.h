@@ -98,7 +98,7 @@ enum alpn_status alpn_parse_hello(const uint8_t *buf, size_t len,
  * Returns ALPN_OK or ALPN_BAD; on ALPN_OK the views point into msg,
  * hello_len is 4 + len and wire_len is 0.
  */
-enum alpn_status alpn_parse_client_hello(const uint8_t *msg, size_t len,
+enum alpn_status alpn_parse_hello_body(const uint8_t *msg, size_t len,
     struct alpn_hello *h);
 
 /* Highest version offered: supported_versions if present, else legacy. */

@@ -777,7 +777,7 @@ client_hello_hook(gnutls_session_t session, unsigned htype, unsigned when,
 	 * accepts some (legacy_version 0x0403 in a second ClientHello after
 	 * HelloRetryRequest) that would then skip every check below.
 	 */
-	if (alpn_parse_client_hello(msg->data, msg->size, &hello) != ALPN_OK) {
+	if (alpn_parse_hello_body(msg->data, msg->size, &hello) != ALPN_OK) {
 		c->result = "tls_error";
 		if (hello.bad_ext == 0)
 			snprintf(c->why, sizeof(c->why),

@@ -3,7 +3,7 @@
  * Besides "no crash, no overread", it checks the parser's promises:
  * views stay inside the input or the scratch space, NEED_MORE asks for
  * more than it was given, and an OK hello still parses the same when
- * handed exactly its own bytes.  alpn_parse_client_hello (the message body
+ * handed exactly its own bytes.  alpn_parse_hello_body (the message body
  * alone, as alpnd-respond's GnuTLS hook parses it) must agree: on the
  * message of every OK hello, and on the input taken as a body.
  */
@@ -73,7 +73,7 @@ LLVMFuzzerTestOneInput(const uint8_t *buf, size_t len)
 			abort();
 		n = unframe(buf, h.wire_len);
 		if (n != h.hello_len ||
-		    alpn_parse_client_hello(msg + 4, n - 4, &h3) != ALPN_OK ||
+		    alpn_parse_hello_body(msg + 4, n - 4, &h3) != ALPN_OK ||
 		    h3.sni_len != h.sni_len || h3.alpn_len != h.alpn_len ||
 		    h3.versions_len != h.versions_len ||
 		    h3.has_acme != h.has_acme || h3.has_ech != h.has_ech ||
@@ -88,7 +88,7 @@ LLVMFuzzerTestOneInput(const uint8_t *buf, size_t len)
 	}
 
 	/* The input as a message body: views inside it, or a clean refusal. */
-	switch (alpn_parse_client_hello(buf, len, &h3)) {
+	switch (alpn_parse_hello_body(buf, len, &h3)) {
 	case ALPN_OK:
 		if (len + 4 > ALPN_HELLO_MAX || h3.hello_len != len + 4 ||
 		    h3.wire_len != 0 || h3.bad_ext != -1 ||

@@ -505,7 +505,7 @@ check_properties(const char *name, const uint8_t *wire, size_t wlen)
 }
 
 /*
- * alpn_parse_client_hello (the message body, as GnuTLS's hook sees it)
+ * alpn_parse_hello_body (the message body, as GnuTLS's hook sees it)
  * must agree with alpn_parse_hello on every vector: OK with the same
  * result, or BAD with the same bad_ext.  Where only alpn_parse_hello says
  * BAD, the fault must lie in the framing: the same message in canonical
@@ -529,7 +529,7 @@ check_message(const char *name, const uint8_t *wire, size_t wlen)
 	blen = (size_t)msg[1] << 16 | (size_t)msg[2] << 8 | msg[3];
 	if (blen > mlen - 4)
 		return;			/* no one whole message to hand over */
-	mst = alpn_parse_client_hello(msg + 4, blen, &H2);
+	mst = alpn_parse_hello_body(msg + 4, blen, &H2);
 	if (st == ALPN_OK) {
 		if (mst != ALPN_OK)
 			why = "body refused";
@@ -732,7 +732,7 @@ test_hostname(void)
 }
 
 /*
- * alpn_parse_client_hello on its own: what GnuTLS's client-hello hook hands
+ * alpn_parse_hello_body on its own: what GnuTLS's client-hello hook hands
  * over is the message body (no record, no 4-byte handshake header).
  */
 #define BODY_ACME	BODY EXTS(SNI("v.example.org") ALPN1("acme-tls/1"))
@@ -747,7 +747,7 @@ test_client_hello_body(void)
 	int bad;
 
 	n = assemble(BODY_ACME, msg, sizeof(msg));
-	st = alpn_parse_client_hello(msg, (size_t)n, &H);
+	st = alpn_parse_hello_body(msg, (size_t)n, &H);
 	result(st == ALPN_OK && H.sni == msg + n - 30 && H.sni_len == 13 &&
 	    memcmp(H.sni, "v.example.org", 13) == 0 && H.has_acme &&
 	    H.hello_len == (size_t)n + 4 && H.wire_len == 0 && H.bad_ext == -1,
@@ -761,7 +761,7 @@ test_client_hello_body(void)
 	pre = 2 + 32 + 1 + 2 + 6 + 1 + 1;
 	bad = 0;
 	for (i = 0; i < (size_t)n && !bad; i++) {
-		st = alpn_parse_client_hello(msg, i, &H);
+		st = alpn_parse_hello_body(msg, i, &H);
 		if (st != (i == pre ? ALPN_OK : ALPN_BAD) ||
 		    (st == ALPN_OK && H.sni != NULL))
 			bad = 1;
@@ -770,17 +770,17 @@ test_client_hello_body(void)
 
 	/* 4 + len <= ALPN_HELLO_MAX (16384), as through the record layer. */
 	n = assemble(BODY EXTS(" 0015 {2 Z16329}"), msg, sizeof(msg));
-	st = alpn_parse_client_hello(msg, (size_t)n, &H);
+	st = alpn_parse_hello_body(msg, (size_t)n, &H);
 	result(n == 16380 && st == ALPN_OK, "body_16380_bytes",
 	    "len %ld status %d", n, st);
 	n = assemble(BODY EXTS(" 0015 {2 Z16330}"), msg, sizeof(msg));
-	st = alpn_parse_client_hello(msg, (size_t)n, &H);
+	st = alpn_parse_hello_body(msg, (size_t)n, &H);
 	result(n == 16381 && st == ALPN_BAD, "body_16381_bytes",
 	    "len %ld status %d", n, st);
 	/* A huge length is refused before a byte is read (4 + len wraps). */
-	st = alpn_parse_client_hello(msg, (size_t)-1, &H);
+	st = alpn_parse_hello_body(msg, (size_t)-1, &H);
 	result(st == ALPN_BAD, "body_length_size_max", "status %d", st);
-	st = alpn_parse_client_hello(msg, 0, &H);
+	st = alpn_parse_hello_body(msg, 0, &H);
 	result(st == ALPN_BAD, "body_empty", "status %d", st);
 
 	/*
@@ -789,24 +789,24 @@ test_client_hello_body(void)
 	 */
 	n = assemble(" 0403 R32 {1 } {2 1301} {1 00}"
 	    EXTS(SNI("v.example.org") ALPN1("acme-tls/1")), msg, sizeof(msg));
-	st = alpn_parse_client_hello(msg, (size_t)n, &H);
+	st = alpn_parse_hello_body(msg, (size_t)n, &H);
 	result(st == ALPN_BAD && H.sni == NULL && !H.has_acme,
 	    "body_legacy_version_0403", "status %d", st);
 
 	/* The policy differences from respond.c's former hello_ext. */
 	n = assemble(BODY EXTS(" 0000 {2 {2 01 {2 'x'} 00 {2 'v.example.org'}}}"
 	    ALPN1("acme-tls/1")), msg, sizeof(msg));
-	st = alpn_parse_client_hello(msg, (size_t)n, &H);
+	st = alpn_parse_hello_body(msg, (size_t)n, &H);
 	result(st == ALPN_BAD && H.bad_ext == 0, "body_sni_other_type_first",
 	    "status %d bad_ext %d", st, H.bad_ext);
 	n = assemble(BODY EXTS(SNI("v.example.org") " 0010 {2 {2 }}"), msg,
 	    sizeof(msg));
-	st = alpn_parse_client_hello(msg, (size_t)n, &H);
+	st = alpn_parse_hello_body(msg, (size_t)n, &H);
 	result(st == ALPN_BAD && H.bad_ext == 16, "body_alpn_empty_list",
 	    "status %d bad_ext %d", st, H.bad_ext);
 	n = assemble(BODY EXTS(" 0000 {2 {2 }}" ALPN1("acme-tls/1")), msg,
 	    sizeof(msg));
-	st = alpn_parse_client_hello(msg, (size_t)n, &H);
+	st = alpn_parse_hello_body(msg, (size_t)n, &H);
 	result(st == ALPN_BAD && H.bad_ext == 0, "body_sni_empty_list",
 	    "status %d bad_ext %d", st, H.bad_ext);
 }
