@@ -97,17 +97,22 @@ build/fuzz_proxy: tests/fuzz_proxy.c alpnparse.c alpnparse.h
 	@mkdir -p build
 	$(CLANG) -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined -o $@ tests/fuzz_proxy.c alpnparse.c
 
+build/fuzz_proxy_build: tests/fuzz_proxy_build.c alpnparse.c alpnparse.h
+	@mkdir -p build
+	$(CLANG) -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined -o $@ tests/fuzz_proxy_build.c alpnparse.c
+
 deps:
 	@tests/deps build check
 
 asan: build/asan/alpnd build/asan/alpnd-respond build/asan/parse_test
 
 check: deps
-	@$(MAKE) --no-print-directory all asan build/parse_test build/parse_bench build/fuzz_hello build/fuzz_proxy
+	@$(MAKE) --no-print-directory all asan build/parse_test build/parse_bench build/fuzz_hello build/fuzz_proxy build/fuzz_proxy_build
 	@tests/run
 
-# libFuzzer over both parsers; the corpus lives under tests/corpus/.
-fuzz: build/fuzz_hello build/fuzz_proxy
+# libFuzzer over both parsers and the PROXY builder (round trip through
+# the parser); the corpus lives under tests/corpus/.
+fuzz: build/fuzz_hello build/fuzz_proxy build/fuzz_proxy_build
 	tests/fuzz-run $(FUZZ_SECONDS)
 
 bench-parse: build/parse_bench
