@@ -115,108 +115,55 @@ grow_pipe(struct flow *d)
 	d->cap = PIPE_SIZE;
 }
 
-static size_t
-put_addr(char *buf, size_t sz, int af, const uint8_t *a)
-{
-	if (inet_ntop(af, a, buf, sz) == NULL)
-		return 0;
-	return strlen(buf);
-}
-
 /*
- * The PROXY header for the backend: the client as received in an accepted
- * PROXY header, else this connection's own addresses; UNKNOWN (v1) or
- * LOCAL (v2) for clients that are not TCP.
+ * The PROXY header for the backend (alpn_build_proxy() writes it): the
+ * client as received in an accepted PROXY header, else this connection's
+ * own addresses; UNKNOWN (v1) or LOCAL (v2) for clients that are not TCP.
  */
 static int
 send_proxy_header(struct conn *c, int version)
 {
-	static const uint8_t sig[12] = "\r\n\r\n\0\r\nQUIT\n";
 	struct sockaddr_storage local;
 	socklen_t llen = sizeof(local);
-	uint8_t src[16], dst[16], buf[232];
-	uint16_t sport = 0, dport = 0;
-	int fam = 0;	/* 4, 6 or 0 (unknown) */
-	size_t n = 0, alen;
-	char s[INET6_ADDRSTRLEN], d[INET6_ADDRSTRLEN];
+	const struct sockaddr_in *a4 = (const struct sockaddr_in *)&c->peer;
+	const struct sockaddr_in *b4 = (const struct sockaddr_in *)&local;
+	const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)&c->peer;
+	const struct sockaddr_in6 *b6 = (const struct sockaddr_in6 *)&local;
+	struct alpn_proxy px;
+	uint8_t buf[ALPN_PROXY_BUILD_MAX];
+	size_t n;
 	ssize_t w;
 
-	if (c->have_px) {
-		fam = c->px.family == ALPN_PROXY_TCP4 ? 4 : 6;
-		memcpy(src, c->px.src, 16);
-		memcpy(dst, c->px.dst, 16);
-		sport = c->px.sport;
-		dport = c->px.dport;
-	} else {
+	memset(&px, 0, sizeof(px));
+	if (!c->have_px)
 		peer_addr(c);
-		if (c->peerlen && getsockname(c->cfd, (struct sockaddr *)&local,
-		    &llen) == 0 && local.ss_family == c->peer.ss_family) {
-			const struct sockaddr_in *a4 =
-			    (const struct sockaddr_in *)&c->peer;
-			const struct sockaddr_in *b4 =
-			    (const struct sockaddr_in *)&local;
-			const struct sockaddr_in6 *a6 =
-			    (const struct sockaddr_in6 *)&c->peer;
-			const struct sockaddr_in6 *b6 =
-			    (const struct sockaddr_in6 *)&local;
-
-			if (local.ss_family == AF_INET) {
-				fam = 4;
-				memcpy(src, &a4->sin_addr, 4);
-				memcpy(dst, &b4->sin_addr, 4);
-				sport = ntohs(a4->sin_port);
-				dport = ntohs(b4->sin_port);
-			} else if (local.ss_family == AF_INET6) {
-				sport = ntohs(a6->sin6_port);
-				dport = ntohs(b6->sin6_port);
-				if (IN6_IS_ADDR_V4MAPPED(&a6->sin6_addr) &&
-				    IN6_IS_ADDR_V4MAPPED(&b6->sin6_addr)) {
-					fam = 4;
-					memcpy(src, &a6->sin6_addr.s6_addr[12], 4);
-					memcpy(dst, &b6->sin6_addr.s6_addr[12], 4);
-				} else {
-					fam = 6;
-					memcpy(src, &a6->sin6_addr, 16);
-					memcpy(dst, &b6->sin6_addr, 16);
-				}
+	if (c->have_px)
+		px = c->px;
+	else if (c->peerlen && getsockname(c->cfd, (struct sockaddr *)&local,
+	    &llen) == 0 && local.ss_family == c->peer.ss_family) {
+		if (local.ss_family == AF_INET) {
+			px.family = ALPN_PROXY_TCP4;
+			memcpy(px.src, &a4->sin_addr, 4);
+			memcpy(px.dst, &b4->sin_addr, 4);
+			px.sport = ntohs(a4->sin_port);
+			px.dport = ntohs(b4->sin_port);
+		} else if (local.ss_family == AF_INET6) {
+			px.sport = ntohs(a6->sin6_port);
+			px.dport = ntohs(b6->sin6_port);
+			if (IN6_IS_ADDR_V4MAPPED(&a6->sin6_addr) &&
+			    IN6_IS_ADDR_V4MAPPED(&b6->sin6_addr)) {
+				px.family = ALPN_PROXY_TCP4;
+				memcpy(px.src, &a6->sin6_addr.s6_addr[12], 4);
+				memcpy(px.dst, &b6->sin6_addr.s6_addr[12], 4);
+			} else {
+				px.family = ALPN_PROXY_TCP6;
+				memcpy(px.src, &a6->sin6_addr, 16);
+				memcpy(px.dst, &b6->sin6_addr, 16);
 			}
 		}
 	}
-
-	if (version == 1) {
-		if (fam == 0) {
-			n = (size_t)snprintf((char *)buf, sizeof(buf),
-			    "PROXY UNKNOWN\r\n");
-		} else {
-			int af = fam == 4 ? AF_INET : AF_INET6;
-
-			if (put_addr(s, sizeof(s), af, src) == 0 ||
-			    put_addr(d, sizeof(d), af, dst) == 0)
-				return -1;
-			n = (size_t)snprintf((char *)buf, sizeof(buf),
-			    "PROXY TCP%d %s %s %u %u\r\n", fam, s, d, sport,
-			    dport);
-		}
-	} else {
-		memcpy(buf, sig, sizeof(sig));
-		alen = fam == 4 ? 12 : fam == 6 ? 36 : 0;
-		buf[12] = fam ? 0x21 : 0x20;		/* v2, PROXY or LOCAL */
-		buf[13] = fam == 4 ? 0x11 : fam == 6 ? 0x21 : 0x00;
-		buf[14] = alen >> 8;
-		buf[15] = alen & 0xff;
-		n = 16;
-		if (fam) {
-			size_t l = fam == 4 ? 4 : 16;
-
-			memcpy(buf + n, src, l);
-			memcpy(buf + n + l, dst, l);
-			n += 2 * l;
-			buf[n++] = sport >> 8;
-			buf[n++] = sport & 0xff;
-			buf[n++] = dport >> 8;
-			buf[n++] = dport & 0xff;
-		}
-	}
+	if ((n = alpn_build_proxy(buf, sizeof(buf), version, &px)) == 0)
+		return -1;
 	/* A fresh socket's send buffer takes these few bytes at once. */
 	do
 		w = send(c->bfd, buf, n, MSG_NOSIGNAL | MSG_DONTWAIT);
