@@ -32,7 +32,8 @@ FUZZ_SECONDS	?= 60
 PROGS		= alpnd alpnd-respond
 # Installed into DOCDIR/examples; placeholders substituted like the units'.
 EXAMPLES	= default-alpnd dehydrated-hook haproxy-backend.cfg nginx-backend.conf \
-		  tcpserver-run uacme-hook xinetd.alpnd
+		  tcpserver-run uacme-hook xinetd.alpnd \
+		  alpnd-edge.conf alpnd-side.nft alpnd-side.service alpnd-side.socket
 SUBST		= sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
 		  -e 's|@DOCDIR@|$(DOCDIR)|g'
 
