@@ -60,6 +60,7 @@
 #define MAX_EVENTS	64
 #define ACCEPT_BATCH	64
 #define SEC		1000000LL	/* times are in microseconds */
+#define RETRY_US	(10 * 1000)	/* a backend's full accept queue: try again */
 
 extern char **environ;
 
@@ -120,6 +121,7 @@ struct conn {
 	int64_t		 t0, deadline, active;
 	struct addr	*dst;
 	size_t		 ai;		/* address of dst being tried */
+	int64_t		 connect_by;	/* a busy backend is retried until then */
 	int		 cerr;		/* last connect error */
 	struct dir	 up, dn;	/* client->backend, backend->client */
 	struct sockaddr_storage peer;
@@ -144,7 +146,8 @@ static char		 default_respond[] = ALPND_RESPOND_PATH;
 static char		*certs;
 static char		*respond_path = default_respond;
 static int		 accept_proxy;
-static int		 send_proxy;	/* 0, 1 or 2 */
+static int		 send_proxy;	/* to the fallback: 0, 1 or 2 */
+static int		 acme_send_proxy;	/* to --acme: 0, 1 or 2 */
 static int64_t		 hello_timeout = 10 * SEC;
 static int64_t		 idle_timeout;	/* 0: none */
 static int64_t		 exit_idle = -1;	/* -1: never */
@@ -158,7 +161,7 @@ static int		 listening;
 static int		 use_syslog, use_journal;
 static int		 grow_pipes = PIPE_SIZE > 65536;
 static size_t		 nconn, nchild;
-static struct queue	 q_hello, q_connect, q_relay;
+static struct queue	 q_hello, q_connect, q_retry, q_relay;
 static struct conn	*dead;		/* freed after each event batch */
 static struct conn	*again;		/* relays that stopped on their budget */
 static int		 exit_code = EX_OK;
@@ -213,6 +216,7 @@ usage(int code)
 	    "  -a, --acme ADDR           relay acme-tls/1 to an ACME client's own TLS listener\n"
 	    "  -p, --accept-proxy        expect a PROXY protocol v1 or v2 header first\n"
 	    "  -P, --send-proxy v1|v2    send a PROXY header to the fallback first\n"
+	    "  -A, --acme-send-proxy v1|v2  send a PROXY header to --acme ADDR first\n"
 	    "  -t, --hello-timeout SECS  deadline for the whole ClientHello, and for\n"
 	    "                            each backend connect (default 10)\n"
 	    "  -i, --idle-timeout SECS   close a relay idle this long (default: none)\n"
@@ -441,6 +445,16 @@ resolve(struct addr *a)
 	a->n = n;
 	a->resolved = 1;	/* cached for the life of the process */
 	return 0;
+}
+
+static int
+proxy_version(const char *s, const char *opt)
+{
+	if (strcmp(s, "v1") == 0 || strcmp(s, "1") == 0)
+		return 1;
+	if (strcmp(s, "v2") == 0 || strcmp(s, "2") == 0)
+		return 2;
+	die(EX_USAGE, "%s %s: expected v1 or v2", opt, s);
 }
 
 static int64_t
@@ -728,7 +742,14 @@ respond(struct conn *c, int64_t now)
 		/*
 		 * Same process, same connection: fd 0, or fd 3 with
 		 * LISTEN_FDS/LISTEN_PID intact (the pid survives execve).
+		 * The line below is this connection's log line, so a missing
+		 * responder is found before it is written, not after.
 		 */
+		if (access(respond_path, X_OK) == -1) {
+			finish(c, EX_UNAVAILABLE, "exec %s: %s", respond_path,
+			    strerror(errno));
+			return;
+		}
 		snprintf(c->result, sizeof(c->result), "exec %s", respond_path);
 		log_conn(c, now);
 		if (c->nonblock)
@@ -737,7 +758,8 @@ respond(struct conn *c, int64_t now)
 			/* The responder cannot see the PROXY header we ate. */
 			client_name(c, client, sizeof(client));
 			(void)setenv("ALPND_CLIENT", client, 1);
-		}
+		} else	/* only ever from a PROXY header we accepted */
+			(void)unsetenv("ALPND_CLIENT");
 		signal(SIGPIPE, SIG_DFL);
 		execve(respond_path, argv, environ);
 		e = errno;
@@ -757,13 +779,15 @@ respond(struct conn *c, int64_t now)
 	(void)epoll_ctl(ep, EPOLL_CTL_DEL, c->cfd, NULL);
 	c->registered = 0;
 	(void)fcntl(c->cfd, F_SETFL, O_RDWR);
-	if ((e = posix_spawn_file_actions_init(&fa)) != 0 ||
-	    (e = posix_spawn_file_actions_adddup2(&fa, c->cfd,
-	    STDIN_FILENO)) != 0 ||
-	    (e = posix_spawnattr_init(&attr)) != 0) {
-		finish(c, EX_OSERR, "posix_spawn: %s", strerror(e));
-		return;
+	if ((e = posix_spawn_file_actions_init(&fa)) != 0)
+		goto fail;
+	if ((e = posix_spawnattr_init(&attr)) != 0) {
+		posix_spawn_file_actions_destroy(&fa);
+		goto fail;
 	}
+	if ((e = posix_spawn_file_actions_adddup2(&fa, c->cfd,
+	    STDIN_FILENO)) != 0)
+		goto out;
 	sigemptyset(&set);
 	(void)posix_spawnattr_setsigmask(&attr, &set);
 	sigaddset(&set, SIGPIPE);
@@ -782,11 +806,13 @@ respond(struct conn *c, int64_t now)
 	e = posix_spawn(&pid, respond_path, &fa, &attr, argv, envp);
 	if (envp != environ)
 		envp[child_nenv] = NULL;
+out:
 	posix_spawn_file_actions_destroy(&fa);
 	posix_spawnattr_destroy(&attr);
+fail:
 	if (e != 0) {
-		finish(c, EX_UNAVAILABLE, "exec %s: %s", respond_path,
-		    strerror(e));
+		finish(c, e == ENOMEM ? EX_OSERR : EX_UNAVAILABLE,
+		    "exec %s: %s", respond_path, strerror(e));
 		return;
 	}
 	nchild++;
@@ -806,16 +832,22 @@ peer_addr(struct conn *c)
 		c->peerlen = 0;
 }
 
+/*
+ * The one routing rule: a complete ClientHello that offers acme-tls/1 goes
+ * to the ACME route; everything else (not TLS, malformed, over the cap, cut
+ * short, odd SNI) goes to the fallback as it came, so the client gets the
+ * web server's own answer.  why says what alpnd could not parse.
+ */
 static void
-route(struct conn *c, int tls, int64_t now)
+route(struct conn *c, int acme_hello, const char *why)
 {
 	/* Ask now: once both sides have closed, getpeername(2) fails. */
-	if ((verbose >= 0 || send_proxy) && !c->have_px)
+	if ((verbose >= 0 || send_proxy || acme_send_proxy) && !c->have_px)
 		peer_addr(c);
-	if (tls && hello.has_acme) {
+	if (acme_hello) {
 		if (certs) {
 			c->route = R_RESPOND;
-			respond(c, now);
+			respond(c, now_us());
 			return;
 		}
 		c->route = R_ACME;
@@ -824,9 +856,10 @@ route(struct conn *c, int tls, int64_t now)
 		c->route = R_FALLBACK;
 		c->dst = &fallback;
 	}
-	if (!tls)
-		logmsg(LOG_DEBUG, "not a TLS ClientHello: relayed as is");
+	if (why)
+		logmsg(LOG_DEBUG, "%s: relayed as is", why);
 	c->ai = 0;
+	c->connect_by = now_us() + hello_timeout;
 	start_connect(c);
 }
 
@@ -919,22 +952,22 @@ hello_step(struct conn *c, uint32_t ev)
 	switch (st) {
 	case ALPN_OK:
 		fill_names(c);
-		route(c, 1, now_us());
-		return;
-	case ALPN_NOT_TLS:
-		route(c, 0, now_us());
+		route(c, hello.has_acme, NULL);
 		return;
 	case ALPN_NEED_MORE:
-		if (hup || len == sizeof(peekbuf) - (p - peekbuf)) {
-			finish(c, EX_DATAERR, "truncated ClientHello (%zu bytes)",
-			    len);
-			return;
-		}
-		/* Wake up only when enough has arrived: no spinning. */
-		set_lowat(c, need > ALPN_WIRE_MAX ? ALPN_WIRE_MAX : (int)need);
+		if (hup)
+			route(c, 0, "ClientHello cut short by the client");
+		else if (len == sizeof(peekbuf) - (size_t)(p - peekbuf))
+			route(c, 0, "ClientHello over the size cap");
+		else	/* wake up only when enough has arrived: no spinning */
+			set_lowat(c, need > ALPN_WIRE_MAX ? ALPN_WIRE_MAX :
+			    (int)need);
+		return;
+	case ALPN_NOT_TLS:
+		route(c, 0, "not a TLS ClientHello");
 		return;
 	default:
-		finish(c, EX_DATAERR, "bad ClientHello (%zu bytes)", len);
+		route(c, 0, "malformed ClientHello");
 		return;
 	}
 }
@@ -986,9 +1019,19 @@ start_connect(struct conn *c)
 			return;
 		}
 		c->cerr = errno;
+		close(fd);
+		if (c->cerr == EAGAIN && now_us() + RETRY_US < c->connect_by) {
+			/*
+			 * A unix socket whose accept queue is full says EAGAIN
+			 * where TCP would queue the SYN: wait and try the
+			 * same address again, as TCP would.
+			 */
+			c->state = S_CONNECT;
+			q_append(&q_retry, c, now_us());
+			return;
+		}
 		logmsg(LOG_DEBUG, "connect %s (address %zu): %s", a->spec,
 		    c->ai, strerror(c->cerr));
-		close(fd);
 	}
 	finish(c, EX_UNAVAILABLE, "backend %s: %s", a->spec,
 	    strerror(c->cerr ? c->cerr : EADDRNOTAVAIL));
@@ -1038,7 +1081,7 @@ put_addr(char *buf, size_t sz, int af, const uint8_t *a)
  * LOCAL (v2) for clients that are not TCP.
  */
 static int
-send_proxy_header(struct conn *c)
+send_proxy_header(struct conn *c, int version)
 {
 	static const uint8_t sig[12] = "\r\n\r\n\0\r\nQUIT\n";
 	struct sockaddr_storage local;
@@ -1092,7 +1135,7 @@ send_proxy_header(struct conn *c)
 		}
 	}
 
-	if (send_proxy == 1) {
+	if (version == 1) {
 		if (fam == 0) {
 			n = (size_t)snprintf((char *)buf, sizeof(buf),
 			    "PROXY UNKNOWN\r\n");
@@ -1165,15 +1208,15 @@ static void
 start_relay(struct conn *c)
 {
 	int64_t now = now_us();
-	int one = 1;
+	int one = 1, proxy;
 
 	set_lowat(c, 1);
 	if (get_pipe(&c->up) == -1 || get_pipe(&c->dn) == -1) {
 		finish(c, EX_OSERR, "pipe: %s", strerror(errno));
 		return;
 	}
-	if (send_proxy && c->route == R_FALLBACK &&
-	    send_proxy_header(c) == -1) {
+	if ((proxy = c->route == R_FALLBACK ? send_proxy : acme_send_proxy) &&
+	    send_proxy_header(c, proxy) == -1) {
 		finish(c, EX_IOERR, "cannot send the PROXY header");
 		return;
 	}
@@ -1241,10 +1284,16 @@ urgent_step(struct dir *d, int src, int eof)
 	/* Read-time flag: the byte at the mark is now ordinary data. */
 	(void)setsockopt(src, SOL_SOCKET, SO_OOBINLINE, &one, sizeof(one));
 	d->urg = 1;
-	if (recv(src, &b, 1, MSG_DONTWAIT) != 1)
+	/*
+	 * Peek, write, then consume: a pipe counts its room in pages, not
+	 * bytes, so it can be full although inpipe < cap; the byte stays in
+	 * the socket until the pipe took it.
+	 */
+	if (recv(src, &b, 1, MSG_DONTWAIT | MSG_PEEK) != 1)
 		return 0;
-	if (write(d->p[1], &b, 1) != 1)		/* inpipe < cap: room */
+	if (write(d->p[1], &b, 1) != 1)
 		return 0;
+	(void)recv(src, &b, 1, MSG_DONTWAIT);
 	d->inpipe++;
 	d->total++;
 	return 1;
@@ -1410,6 +1459,10 @@ expire(int64_t now)
 	}
 	while ((c = q_connect.head) && c->deadline <= now)
 		connect_failed(c, ETIMEDOUT);
+	while ((c = q_retry.head) && c->deadline <= now) {
+		q_remove(c);
+		start_connect(c);
+	}
 	while (idle_timeout > 0 && (c = q_relay.head) && c->deadline <= now)
 		finish(c, EX_TEMPFAIL, "idle timeout");
 }
@@ -1423,6 +1476,8 @@ next_deadline(void)
 		d = q_hello.head->deadline;
 	if (q_connect.head && q_connect.head->deadline < d)
 		d = q_connect.head->deadline;
+	if (q_retry.head && q_retry.head->deadline < d)
+		d = q_retry.head->deadline;
 	if (idle_timeout > 0 && q_relay.head && q_relay.head->deadline < d)
 		d = q_relay.head->deadline;
 	if (listen_paused && resume_at < d)
@@ -1670,6 +1725,7 @@ main(int argc, char *argv[])
 		{ "acme",		required_argument,	NULL, 'a' },
 		{ "accept-proxy",	no_argument,		NULL, 'p' },
 		{ "send-proxy",		required_argument,	NULL, 'P' },
+		{ "acme-send-proxy",	required_argument,	NULL, 'A' },
 		{ "hello-timeout",	required_argument,	NULL, 't' },
 		{ "idle-timeout",	required_argument,	NULL, 'i' },
 		{ "respond",		required_argument,	NULL, 'r' },
@@ -1685,7 +1741,7 @@ main(int argc, char *argv[])
 	socklen_t sl;
 	int ch, fd = STDIN_FILENO, acc = 0;
 
-	while ((ch = getopt_long(argc, argv, "f:d:a:pP:t:i:r:x:vqVh", longopts,
+	while ((ch = getopt_long(argc, argv, "f:d:a:pP:A:t:i:r:x:vqVh", longopts,
 	    NULL)) != -1) {
 		switch (ch) {
 		case 'f':
@@ -1701,14 +1757,11 @@ main(int argc, char *argv[])
 			accept_proxy = 1;
 			break;
 		case 'P':
-			if (strcmp(optarg, "v1") == 0 || strcmp(optarg, "1") == 0)
-				send_proxy = 1;
-			else if (strcmp(optarg, "v2") == 0 ||
-			    strcmp(optarg, "2") == 0)
-				send_proxy = 2;
-			else
-				die(EX_USAGE, "--send-proxy %s: expected v1 or v2",
-				    optarg);
+			send_proxy = proxy_version(optarg, "--send-proxy");
+			break;
+		case 'A':
+			acme_send_proxy = proxy_version(optarg,
+			    "--acme-send-proxy");
 			break;
 		case 't':
 			hello_timeout = parse_secs(optarg, "--hello-timeout", 0);
@@ -1753,6 +1806,10 @@ main(int argc, char *argv[])
 		fprintf(stderr, "alpnd: give one of --certs and --acme\n");
 		usage(EX_USAGE);
 	}
+	if (acme_send_proxy && ac == NULL) {
+		fprintf(stderr, "alpnd: --acme-send-proxy needs --acme\n");
+		usage(EX_USAGE);
+	}
 	parse_addr(&fallback, fb);
 	if (ac) {
 		parse_addr(&acme, ac);
@@ -1787,6 +1844,7 @@ main(int argc, char *argv[])
 	}
 	q_hello.timeout = hello_timeout;
 	q_connect.timeout = hello_timeout;
+	q_retry.timeout = RETRY_US;
 	q_relay.timeout = idle_timeout;
 
 	log_setup(fd);
