@@ -144,7 +144,7 @@ ctx.verify_mode = ssl.CERT_NONE
 ctx.set_alpn_protocols(["http/1.1"])
 
 def get(host):
-    with socket.create_connection((host, 443), timeout=5) as s:
+    with socket.create_connection((host, 443), timeout=15) as s:
         with ctx.wrap_socket(s, server_hostname="www.example.test") as t:
             t.sendall(b"GET / HTTP/1.1\r\nHost: www.example.test\r\n"
                       b"Connection: close\r\n\r\n")
