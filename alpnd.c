@@ -46,6 +46,7 @@
 #include <unistd.h>
 
 #include "alpnparse.h"
+#include "sources.h"
 
 #ifndef ALPND_VERSION
 #define ALPND_VERSION		"unknown"
@@ -126,6 +127,7 @@ struct conn {
 	struct dir	 up, dn;	/* client->backend, backend->client */
 	struct sockaddr_storage peer;
 	socklen_t	 peerlen;
+	struct source	*src;		/* its client address, --max-per-source */
 	struct alpn_proxy px;
 	int		 have_px;	/* px holds a TCP4/TCP6 client */
 	char		 sni[256];
@@ -151,16 +153,20 @@ static int		 acme_send_proxy;	/* to --acme: 0, 1 or 2 */
 static int64_t		 hello_timeout = 10 * SEC;
 static int64_t		 idle_timeout;	/* 0: none */
 static int64_t		 exit_idle = -1;	/* -1: never */
+static int64_t		 drain = 30 * SEC;	/* stop: relays may finish */
+static pid_t		 reload_pid;	/* --reload PID */
+static size_t		 max_conn;	/* 0: from the descriptor limit */
+static unsigned		 max_per_source = 256;	/* 0: no limit */
 static int		 verbose;	/* -1 quiet, 0, 1 verbose */
 
 /* State. */
 static int		 ep = -1;
 static int		 lfd = -1;	/* listening socket, listening mode */
-static int		 sfd = -1;	/* signalfd for SIGCHLD */
+static int		 sfd = -1;	/* signalfd: SIGCHLD, SIGTERM, SIGINT, SIGHUP */
 static int		 listening;
 static int		 use_syslog, use_journal;
 static int		 grow_pipes = PIPE_SIZE > 65536;
-static size_t		 nconn, nchild;
+static size_t		 nconn;
 static struct queue	 q_hello, q_connect, q_retry, q_relay;
 static struct conn	*dead;		/* freed after each event batch */
 static struct conn	*again;		/* relays that stopped on their budget */
@@ -169,6 +175,21 @@ static int		 single_done;
 static int		 listen_paused;
 static int64_t		 resume_at;
 static pid_t		 mypid;
+static enum {
+	RUNNING,
+	STOPPING,	/* SIGTERM: no new connections, relays end by drain_at */
+	REPLACED	/* reloaded: this copy only finishes its relays */
+}			 run_state;
+static int64_t		 drain_at;
+static int		 reserve_fd = -1;	/* given up to shed a client on EMFILE */
+/* Connections closed at once for a bound, logged once per SUMMARY_US. */
+static struct {
+	unsigned long	 total, source, fds;
+	int64_t		 log_at;	/* 0: nothing to say */
+} over;
+#define SUMMARY_US	(10 * SEC)
+static char		 self_path[4096];	/* the binary a reload executes */
+static char		**self_argv;
 
 /* Free pipes, kept in listening mode for the next connection. */
 struct spare {
@@ -222,6 +243,14 @@ usage(int code)
 	    "  -i, --idle-timeout SECS   close a relay idle this long (default: none)\n"
 	    "  -r, --respond PATH        the responder (default " ALPND_RESPOND_PATH ")\n"
 	    "  -x, --exit-idle SECS      listening-socket mode: exit after SECS with no connection\n"
+	    "  -D, --drain SECS          listening-socket mode: on SIGTERM, let relays finish\n"
+	    "                            this long (default 30)\n"
+	    "  -m, --max-conn N          listening-socket mode: connections held at once\n"
+	    "                            (default: what the descriptor limit allows)\n"
+	    "  -s, --max-per-source N    listening-socket mode: connections held per client\n"
+	    "                            address (default 256, 0: no limit)\n"
+	    "  -R, --reload PID          have the alpnd PID (listening-socket mode) run again\n"
+	    "                            with the options that follow, relays untouched\n"
 	    "  -v, --verbose / -q, --quiet / -V, --version / -h, --help\n"
 	    "ADDR: 192.0.2.1:8443, [2001:db8::1]:8443, localhost:8443, unix:/run/https.sock\n"
 	    "The connection is fd 0 (inetd, tcpserver) or the LISTEN_FDS descriptor\n"
@@ -457,6 +486,20 @@ proxy_version(const char *s, const char *opt)
 	die(EX_USAGE, "%s %s: expected v1 or v2", opt, s);
 }
 
+static size_t
+parse_count(const char *s, const char *opt, unsigned long min)
+{
+	unsigned long v;
+	char *end;
+
+	errno = 0;
+	v = strtoul(s, &end, 10);
+	if (*s < '0' || *s > '9' || *end != '\0' || errno || v < min ||
+	    v > 1000000000UL)
+		die(EX_USAGE, "%s %s: expected a number", opt, s);
+	return v;
+}
+
 static int64_t
 parse_secs(const char *s, const char *opt, int zero_ok)
 {
@@ -603,6 +646,8 @@ finish(struct conn *c, int code, const char *fmt, ...)
 		single_done = 1;
 		return;
 	}
+	source_put(c->src);
+	c->src = NULL;
 	if (c->bfd != -1)
 		close(c->bfd);
 	if (c->cfd != -1) {
@@ -746,8 +791,8 @@ respond(struct conn *c, int64_t now)
 		 * responder is found before it is written, not after.
 		 */
 		if (access(respond_path, X_OK) == -1) {
-			finish(c, EX_UNAVAILABLE, "exec %s: %s", respond_path,
-			    strerror(errno));
+			finish(c, EX_UNAVAILABLE, "exec: %s: %s",
+			    strerror(errno), respond_path);
 			return;
 		}
 		snprintf(c->result, sizeof(c->result), "exec %s", respond_path);
@@ -764,8 +809,8 @@ respond(struct conn *c, int64_t now)
 		execve(respond_path, argv, environ);
 		e = errno;
 		signal(SIGPIPE, SIG_IGN);
-		finish(c, EX_UNAVAILABLE, "exec %s: %s", respond_path,
-		    strerror(e));
+		finish(c, EX_UNAVAILABLE, "exec: %s: %s", strerror(e),
+		    respond_path);
 		return;
 	}
 
@@ -812,14 +857,13 @@ out:
 fail:
 	if (e != 0) {
 		finish(c, e == ENOMEM ? EX_OSERR : EX_UNAVAILABLE,
-		    "exec %s: %s", respond_path, strerror(e));
+		    "exec: %s: %s", strerror(e), respond_path);
 		return;
 	}
-	nchild++;
 	/* The child has the connection now: no draining its bytes. */
 	close(c->cfd);
 	c->cfd = -1;
-	finish(c, EX_OK, "exec %s pid %ld", respond_path, (long)pid);
+	finish(c, EX_OK, "exec pid %ld %s", (long)pid, respond_path);
 }
 
 static void
@@ -1026,6 +1070,9 @@ start_connect(struct conn *c)
 			 * where TCP would queue the SYN: wait and try the
 			 * same address again, as TCP would.
 			 */
+			if (c->state != S_CONNECT)
+				logmsg(LOG_DEBUG, "backend %s: accept queue "
+				    "full, waiting", a->spec);
 			c->state = S_CONNECT;
 			q_append(&q_retry, c, now_us());
 			return;
@@ -1286,13 +1333,13 @@ urgent_step(struct dir *d, int src, int eof)
 	d->urg = 1;
 	/*
 	 * Peek, write, then consume: a pipe counts its room in pages, not
-	 * bytes, so it can be full although inpipe < cap; the byte stays in
-	 * the socket until the pipe took it.
+	 * bytes, so it can be full although inpipe < cap.  Then the byte
+	 * stays in the socket until the pipe drains (-1: wait).
 	 */
 	if (recv(src, &b, 1, MSG_DONTWAIT | MSG_PEEK) != 1)
 		return 0;
 	if (write(d->p[1], &b, 1) != 1)
-		return 0;
+		return -1;
 	(void)recv(src, &b, 1, MSG_DONTWAIT);
 	d->inpipe++;
 	d->total++;
@@ -1321,12 +1368,14 @@ pump(struct dir *d, int src, int dst, int *moved, int *more)
 				if (d->inpipe >= d->cap / 2 && d->cap < PIPE_SIZE &&
 				    grow_pipes)
 					grow_pipe(d);
-			} else if ((n == 0 || errno == EAGAIN) &&
-			    urgent_step(d, src, n == 0))
-				progress = 1;
-			else if (n == 0)
-				d->eof = 1;
-			else if (errno != EAGAIN && errno != EINTR)
+			} else if (n == 0 || errno == EAGAIN) {
+				int u = urgent_step(d, src, n == 0);
+
+				if (u > 0)
+					progress = 1;
+				else if (u == 0 && n == 0)
+					d->eof = 1;
+			} else if (errno != EINTR)
 				return -1;
 		}
 		if (d->inpipe > 0) {
@@ -1482,31 +1531,110 @@ next_deadline(void)
 		d = q_relay.head->deadline;
 	if (listen_paused && resume_at < d)
 		d = resume_at;
+	if (over.log_at && over.log_at < d)
+		d = over.log_at;
 	return d;
 }
 
+/* Children (responders, a reloaded copy's relays) still running? */
+static int
+children(void)
+{
+	siginfo_t si;
+
+	return waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) == 0;
+}
+
+static void	stop_accepting(int64_t);
+static void	reload(const struct signalfd_siginfo *);
+
 static void
-reap(void)
+on_signal(int64_t now)
 {
 	struct signalfd_siginfo si;
 	int status;
 	pid_t pid;
 
-	while (read(sfd, &si, sizeof(si)) > 0)
-		;
-	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-		if (nchild > 0)
-			nchild--;
-		if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
-			logmsg(LOG_DEBUG, "responder %ld exited %d", (long)pid,
-			    WEXITSTATUS(status));
+	while (read(sfd, &si, sizeof(si)) == sizeof(si)) {
+		switch (si.ssi_signo) {
+		case SIGTERM:
+		case SIGINT:
+			if (run_state != STOPPING) {
+				stop_accepting(now);
+				run_state = STOPPING;
+				drain_at = now + drain;
+			}
+			break;
+		case SIGHUP:
+			if (run_state == RUNNING)
+				reload(&si);
+			break;
+		}
 	}
+	while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
+		if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
+			logmsg(LOG_DEBUG, "child %ld exited %d", (long)pid,
+			    WEXITSTATUS(status));
+}
+
+/* A client over a bound: closed at once, counted, summarised later. */
+static void
+shed(int fd, unsigned long *counter, int64_t now)
+{
+	const struct linger lg = { 1, 0 };
+
+	(void)setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	close(fd);
+	(*counter)++;
+	if (over.log_at == 0)
+		over.log_at = now + SUMMARY_US;
 }
 
 static void
+over_summary(int64_t now, int force)
+{
+	if (over.log_at == 0 || (!force && now < over.log_at))
+		return;
+	logmsg(LOG_WARNING, "over the bounds in the last %lld s: %lu closed "
+	    "at once (%lu over --max-conn %zu, %lu over --max-per-source %u, "
+	    "%lu short of descriptors)", (long long)(SUMMARY_US / SEC),
+	    over.total + over.source + over.fds, over.total, max_conn,
+	    over.source, max_per_source, over.fds);
+	over.total = over.source = over.fds = 0;
+	over.log_at = 0;
+}
+
+/*
+ * Out of descriptors: give up the reserve, take the client that is first
+ * in the queue and close it, take the reserve back.  The queue keeps
+ * moving (nothing spins on EMFILE, nothing waits behind it) and those who
+ * came too many are told at once.
+ */
+static int
+shed_one(int64_t now)
+{
+	int fd;
+
+	while (nspares > 0) {		/* spare pipes are a luxury now */
+		nspares--;
+		close(spares[nspares].p[0]);
+		close(spares[nspares].p[1]);
+	}
+	if (reserve_fd == -1)
+		return -1;
+	close(reserve_fd);
+	fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	if (fd != -1)
+		shed(fd, &over.fds, now);
+	reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	return fd == -1 ? -1 : 0;
+}
+
+static int
 accept_some(int64_t now)
 {
 	struct sockaddr_storage ss;
+	struct source *src;
 	socklen_t sl;
 	struct conn *c;
 	int fd, i;
@@ -1517,33 +1645,43 @@ accept_some(int64_t now)
 		    SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd == -1) {
 			if (errno == EAGAIN || errno == EWOULDBLOCK)
-				return;
+				return 0;
+			if ((errno == EMFILE || errno == ENFILE) &&
+			    shed_one(now) == 0)
+				continue;
 			if (errno == EMFILE || errno == ENFILE ||
 			    errno == ENOBUFS || errno == ENOMEM) {
 				logmsg(LOG_ERR, "accept: %s: pausing",
 				    strerror(errno));
-				/* Spare pipes are a luxury now. */
-				while (nspares > 0) {
-					nspares--;
-					close(spares[nspares].p[0]);
-					close(spares[nspares].p[1]);
-				}
 				epoll_ctl(ep, EPOLL_CTL_DEL, lfd, NULL);
 				listen_paused = 1;
 				resume_at = now + SEC / 10;
-				return;
+				return 0;
 			}
 			if (errno == EINTR || errno == ECONNABORTED ||
 			    errno == EPROTO || errno == EPERM)
 				continue;
 			logmsg(LOG_ERR, "accept: %s", strerror(errno));
-			return;
+			return 0;
+		}
+		if (nconn >= max_conn) {
+			shed(fd, &over.total, now);
+			continue;
+		}
+		src = NULL;
+		if (max_per_source && !accept_proxy &&
+		    source_get((struct sockaddr *)&ss, max_per_source,
+		    &src) == -1) {
+			shed(fd, &over.source, now);
+			continue;
 		}
 		if ((c = conn_new(fd, now)) == NULL) {
 			logmsg(LOG_ERR, "out of memory");
+			source_put(src);
 			close(fd);
 			continue;
 		}
+		c->src = src;
 		memcpy(&c->peer, &ss, sl < sizeof(ss) ? sl : sizeof(ss));
 		c->peerlen = sl;
 		c->nonblock = 1;
@@ -1552,6 +1690,195 @@ accept_some(int64_t now)
 			continue;
 		}
 		c->registered = 1;
+	}
+	return 1;
+}
+
+/*
+ * Stop: take what is already queued (those clients connected before the
+ * stop), then let go of the listening socket.  With systemd the socket
+ * stays open in PID 1, so what arrives later waits for the next start.
+ */
+static void
+stop_accepting(int64_t now)
+{
+	int batches = 0;
+
+	if (lfd == -1)
+		return;
+	while (!listen_paused && accept_some(now) && ++batches < 1024)
+		;
+	(void)epoll_ctl(ep, EPOLL_CTL_DEL, lfd, NULL);
+	close(lfd);
+	lfd = -1;
+	listen_paused = 0;
+	logmsg(LOG_INFO, "stopping: %zu connections to finish, for up to "
+	    "%lld s (--drain)", nconn, (long long)(drain / SEC));
+}
+
+/* Close this process's copies of every connection, without a word. */
+static void
+forget_connections(void)
+{
+	struct queue *qs[] = { &q_hello, &q_connect, &q_retry, &q_relay };
+	struct conn *c;
+	size_t i;
+
+	for (i = 0; i < sizeof(qs) / sizeof(qs[0]); i++)
+		while ((c = qs[i]->head) != NULL) {
+			q_remove(c);
+			source_put(c->src);
+			if (c->cfd != -1)
+				close(c->cfd);
+			if (c->bfd != -1)
+				close(c->bfd);
+			if (c->up.p[0] != -1) {
+				close(c->up.p[0]);
+				close(c->up.p[1]);
+			}
+			if (c->dn.p[0] != -1) {
+				close(c->dn.p[0]);
+				close(c->dn.p[1]);
+			}
+			free(c);
+		}
+	while ((c = dead) != NULL) {
+		dead = c->next;
+		free(c);
+	}
+	while (nspares > 0) {
+		nspares--;
+		close(spares[nspares].p[0]);
+		close(spares[nspares].p[1]);
+	}
+	again = NULL;
+	nconn = 0;
+}
+
+/*
+ * The options of `alpnd --reload PID OPTIONS...` (the sender of the
+ * SIGHUP), read from its /proc/PID/cmdline, with our own argv[0]; NULL
+ * when the sender is something else (kill -HUP: keep our options).
+ */
+static char **
+reload_argv(pid_t pid, char **bufp)
+{
+	char path[64], *buf, **v, *p, me[24];
+	size_t n = 0, cap = 65536, i, argc = 0;
+	ssize_t r;
+	int fd;
+
+	*bufp = NULL;
+	snprintf(path, sizeof(path), "/proc/%ld/cmdline", (long)pid);
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) == -1)
+		return NULL;
+	if ((buf = malloc(cap + 1)) == NULL) {
+		close(fd);
+		return NULL;
+	}
+	while (n < cap && (r = read(fd, buf + n, cap - n)) > 0)
+		n += r;
+	close(fd);
+	buf[n] = '\0';
+	for (i = 0; i < n; i++)
+		argc += buf[i] == '\0';
+	snprintf(me, sizeof(me), "%ld", (long)mypid);
+	p = buf + strlen(buf) + 1;		/* argv[1] */
+	if (n == cap || argc < 3 || strcmp(p, "--reload") != 0 ||
+	    strcmp(p + 9, me) != 0 || (v = calloc(argc, sizeof(*v))) == NULL) {
+		free(buf);
+		return NULL;
+	}
+	v[0] = self_argv[0];
+	p += 9 + strlen(me) + 1;		/* argv[3] */
+	for (i = 1; i + 2 < argc; i++, p += strlen(p) + 1)
+		v[i] = p;
+	*bufp = buf;
+	return v;
+}
+
+/*
+ * Reload (SIGHUP): a child keeps every connection this process holds and
+ * finishes them; this process, same PID (systemd's main PID), executes
+ * the binary at its path again (a new one after an upgrade) with the
+ * listening socket, which never closes: nothing is refused or cut.
+ */
+static void
+reload(const struct signalfd_siginfo *si)
+{
+	char **argv = NULL, *buf = NULL;
+	pid_t pid;
+	int e;
+
+	if (si->ssi_uid == getuid() || si->ssi_uid == 0)
+		argv = reload_argv((pid_t)si->ssi_pid, &buf);
+	if ((pid = fork()) == -1) {
+		logmsg(LOG_ERR, "reload: fork: %s", strerror(errno));
+		goto out;
+	}
+	if (pid == 0) {
+		mypid = getpid();
+		run_state = REPLACED;
+		(void)epoll_ctl(ep, EPOLL_CTL_DEL, lfd, NULL);
+		close(lfd);
+		lfd = -1;
+		listen_paused = 0;
+		goto out;
+	}
+	if (argv)			/* the reloader waits for this */
+		(void)kill((pid_t)si->ssi_pid, SIGUSR1);
+	logmsg(LOG_INFO, "reload: %zu connections stay with pid %ld; "
+	    "executing %s", nconn, (long)pid, self_path);
+	forget_connections();
+	close(ep);
+	ep = -1;
+	(void)fcntl(lfd, F_SETFD, 0);
+	if (lfd == 3) {
+		char v[24];
+
+		snprintf(v, sizeof(v), "%ld", (long)mypid);
+		(void)setenv("LISTEN_PID", v, 1);
+		(void)setenv("LISTEN_FDS", "1", 1);
+	}
+	execv(self_path, argv ? argv : self_argv);
+	e = errno;
+	(void)fcntl(lfd, F_SETFD, FD_CLOEXEC);
+	if (ep_add(sfd, &signal_tag, EPOLLIN) == -1 ||
+	    ep_add(lfd, &listener_tag, EPOLLIN) == -1)
+		die(EX_OSERR, "reload: epoll: %s", strerror(errno));
+	logmsg(LOG_ERR, "reload: exec %s: %s: going on as before", self_path,
+	    strerror(e));
+out:
+	free(argv);
+	free(buf);
+}
+
+/*
+ * alpnd --reload PID OPTIONS...: the options are valid (we got here), so
+ * ask PID to take them (SIGHUP; it reads them from our command line) and
+ * wait for its answer.
+ */
+static int
+reload_client(pid_t pid)
+{
+	struct timespec ts = { 10, 0 };
+	siginfo_t si;
+	sigset_t set;
+	int r;
+
+	sigemptyset(&set);
+	sigaddset(&set, SIGUSR1);
+	sigprocmask(SIG_BLOCK, &set, NULL);
+	if (kill(pid, SIGHUP) == -1)
+		die(EX_UNAVAILABLE, "--reload %ld: %s", (long)pid,
+		    strerror(errno));
+	for (;;) {
+		r = sigtimedwait(&set, &si, &ts);
+		if (r == SIGUSR1 && si.si_pid == pid)
+			return EX_OK;
+		if (r == -1 && errno == EAGAIN)
+			die(EX_TEMPFAIL, "--reload %ld: no answer in 10 s",
+			    (long)pid);
 	}
 }
 
@@ -1566,7 +1893,7 @@ dispatch(void *tag, uint32_t events, int64_t now)
 		return;
 	}
 	if (tag == &signal_tag) {
-		reap();
+		on_signal(now);
 		return;
 	}
 	backend = ((uintptr_t)tag & 1) != 0;
@@ -1605,9 +1932,11 @@ loop(void)
 			return;
 		now = now_us();
 		d = again ? now : next_deadline();
-		if (listening && exit_idle >= 0 && nconn == 0 && nchild == 0 &&
+		if (run_state == RUNNING && exit_idle >= 0 && nconn == 0 &&
 		    idle_since + exit_idle < d)
 			d = idle_since + exit_idle;
+		if (run_state == STOPPING && drain_at < d)
+			d = drain_at;
 		if (d == INT64_MAX)
 			timeout = -1;
 		else if (d <= now)
@@ -1632,15 +1961,27 @@ loop(void)
 		}
 		if (!listening)
 			continue;
+		over_summary(now, 0);
 		if (listen_paused && now >= resume_at) {
 			if (ep_add(lfd, &listener_tag, EPOLLIN) == 0)
 				listen_paused = 0;
 			else
 				resume_at = now + SEC / 10;
 		}
-		if (nconn > 0 || nchild > 0)
+		if (run_state != RUNNING) {
+			if (nconn == 0 && !children())
+				return;
+			if (run_state == STOPPING && now >= drain_at) {
+				logmsg(LOG_WARNING, "stopping: %zu connections "
+				    "cut after the drain (--drain %lld s)", nconn,
+				    (long long)(drain / SEC));
+				return;
+			}
+		} else if (nconn > 0 || (exit_idle >= 0 && children()))
 			idle_since = now;
-		else if (exit_idle >= 0 && now - idle_since >= exit_idle) {
+		else if (exit_idle >= 0 && now - idle_since >= exit_idle &&
+		    !accept_some(now) && nconn == 0) {
+			/* (a last look: a client that came just now is served) */
 			logmsg(LOG_DEBUG, "idle for %lld ms: exiting",
 			    (long long)(exit_idle / 1000));
 			return;
@@ -1730,6 +2071,10 @@ main(int argc, char *argv[])
 		{ "idle-timeout",	required_argument,	NULL, 'i' },
 		{ "respond",		required_argument,	NULL, 'r' },
 		{ "exit-idle",		required_argument,	NULL, 'x' },
+		{ "drain",		required_argument,	NULL, 'D' },
+		{ "max-conn",		required_argument,	NULL, 'm' },
+		{ "max-per-source",	required_argument,	NULL, 's' },
+		{ "reload",		required_argument,	NULL, 'R' },
 		{ "verbose",		no_argument,		NULL, 'v' },
 		{ "quiet",		no_argument,		NULL, 'q' },
 		{ "version",		no_argument,		NULL, 'V' },
@@ -1738,10 +2083,15 @@ main(int argc, char *argv[])
 	};
 	const char *fb = NULL, *ac = NULL, *env;
 	struct conn *c;
+	ssize_t n;
 	socklen_t sl;
 	int ch, fd = STDIN_FILENO, acc = 0;
 
-	while ((ch = getopt_long(argc, argv, "f:d:a:pP:A:t:i:r:x:vqVh", longopts,
+	/* getopt_long(3) permutes argv: keep it as given, for a reload */
+	if ((self_argv = calloc(argc + 1, sizeof(*self_argv))) == NULL)
+		die(EX_OSERR, "out of memory");
+	memcpy(self_argv, argv, argc * sizeof(*argv));
+	while ((ch = getopt_long(argc, argv, "f:d:a:pP:A:t:i:r:x:D:m:s:R:vqVh", longopts,
 	    NULL)) != -1) {
 		switch (ch) {
 		case 'f':
@@ -1779,6 +2129,28 @@ main(int argc, char *argv[])
 		case 'x':
 			exit_idle = parse_secs(optarg, "--exit-idle", 1);
 			break;
+		case 'D':
+			drain = parse_secs(optarg, "--drain", 1);
+			break;
+		case 'm':
+			max_conn = parse_count(optarg, "--max-conn", 1);
+			break;
+		case 's':
+			max_per_source = parse_count(optarg, "--max-per-source", 0);
+			break;
+		case 'R': {
+			char *end;
+			long v;
+
+			errno = 0;
+			v = strtol(optarg, &end, 10);
+			if (*optarg == '\0' || *end != '\0' || errno || v <= 1 ||
+			    v > INT32_MAX)
+				die(EX_USAGE, "--reload %s: expected a process ID",
+				    optarg);
+			reload_pid = (pid_t)v;
+			break;
+		}
 		case 'v':
 			verbose = 1;
 			break;
@@ -1815,6 +2187,8 @@ main(int argc, char *argv[])
 		parse_addr(&acme, ac);
 		have_acme = 1;
 	}
+	if (reload_pid)
+		return reload_client(reload_pid);
 
 	/*
 	 * A relay writes to sockets that may be gone, and a log line may go
@@ -1860,6 +2234,16 @@ main(int argc, char *argv[])
 			rl.rlim_cur = rl.rlim_max;
 			(void)setrlimit(RLIMIT_NOFILE, &rl);
 		}
+		/*
+		 * A relay holds six descriptors (two sockets, two pipes);
+		 * keep 64 for the rest.  Beyond that, the reserve sheds.
+		 */
+		if (max_conn == 0 && getrlimit(RLIMIT_NOFILE, &rl) == 0)
+			max_conn = rl.rlim_cur == RLIM_INFINITY ||
+			    rl.rlim_cur > 6000000 ? 1000000 :
+			    rl.rlim_cur > 64 + 6 * 16 ? (rl.rlim_cur - 64) / 6 : 16;
+		sources_init();
+		reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 		(void)fcntl(lfd, F_SETFD, FD_CLOEXEC);
 		/*
 		 * accept_some() loops until EAGAIN; systemd (without
@@ -1875,7 +2259,15 @@ main(int argc, char *argv[])
 		signal(SIGCHLD, SIG_DFL);
 		sigemptyset(&set);
 		sigaddset(&set, SIGCHLD);
+		sigaddset(&set, SIGTERM);
+		sigaddset(&set, SIGINT);
+		sigaddset(&set, SIGHUP);
 		sigprocmask(SIG_BLOCK, &set, NULL);
+		n = readlink("/proc/self/exe", self_path, sizeof(self_path) - 1);
+		if (n > 0 && (size_t)n < sizeof(self_path) - 1)
+			self_path[n] = '\0';
+		else if (strchr(argv[0], '/') != NULL)
+			snprintf(self_path, sizeof(self_path), "%s", argv[0]);
 		if ((sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC)) == -1)
 			die(EX_OSERR, "signalfd: %s", strerror(errno));
 		if (ep_add(sfd, &signal_tag, EPOLLIN) == -1 ||
@@ -1883,6 +2275,7 @@ main(int argc, char *argv[])
 			die(EX_OSERR, "epoll_ctl: %s", strerror(errno));
 		logmsg(LOG_DEBUG, "listening-socket mode on fd %d", lfd);
 		loop();
+		over_summary(now_us(), 1);
 		return EX_OK;
 	}
 
