@@ -33,7 +33,8 @@ PROGS		= alpnd alpnd-respond
 ALPND_SRC	= alpnd.c listen.c conn.c handoff.c relay.c loop.c addr.c log.c sources.c alpnparse.c
 # Installed into DOCDIR/examples; placeholders substituted like the units'.
 EXAMPLES	= default-alpnd dehydrated-hook haproxy-backend.cfg nginx-backend.conf \
-		  tcpserver-run uacme-hook xinetd.alpnd
+		  tcpserver-run uacme-hook xinetd.alpnd \
+		  alpnd-edge.conf alpnd-side.nft alpnd-side.service alpnd-side.socket
 SUBST		= sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
 		  -e 's|@DOCDIR@|$(DOCDIR)|g'
 
