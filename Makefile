@@ -30,7 +30,8 @@ SAN		= -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-po
 FUZZ_SECONDS	?= 60
 
 PROGS		= alpnd alpnd-respond
-ALPND_SRC	= alpnd.c listen.c conn.c handoff.c relay.c loop.c addr.c log.c sources.c alpnparse.c
+ALPND_SRC	= alpnd.c listen.c conn.c handoff.c relay.c loop.c addr.c log.c sources.c shared.c alpnparse.c
+RESPOND_SRC	= respond.c shared.c alpnparse.c
 # Installed into DOCDIR/examples; placeholders substituted like the units'.
 EXAMPLES	= default-alpnd dehydrated-hook haproxy-backend.cfg nginx-backend.conf \
 		  tcpserver-run uacme-hook xinetd.alpnd \
@@ -63,20 +64,20 @@ ALPND_CC	= $(CC)
 ALPND_LINK	?= -static-pie
 ALPND_LINK_END	=
 endif
-alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h
+alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h shared.h
 	$(ALPND_CC) $(ALL_CFLAGS) $(LDHARDEN) $(ALPND_LINK) $(LDFLAGS) -o $@ $(ALPND_SRC) $(ALPND_LINK_END)
 
-alpnd-respond: respond.c alpnparse.c alpnparse.h
-	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ respond.c alpnparse.c $(TLS_LIBS)
+alpnd-respond: $(RESPOND_SRC) alpnparse.h shared.h
+	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ $(RESPOND_SRC) $(TLS_LIBS)
 
 # Sanitizer builds of everything, used by `make check` and the hostile suite.
-build/asan/alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h
+build/asan/alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h shared.h
 	@mkdir -p build/asan
 	$(CC) $(ALL_CFLAGS) $(SAN) -o $@ $(ALPND_SRC)
 
-build/asan/alpnd-respond: respond.c alpnparse.c alpnparse.h
+build/asan/alpnd-respond: $(RESPOND_SRC) alpnparse.h shared.h
 	@mkdir -p build/asan
-	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(SAN) -o $@ respond.c alpnparse.c $(TLS_LIBS)
+	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(SAN) -o $@ $(RESPOND_SRC) $(TLS_LIBS)
 
 build/parse_test: tests/parse_test.c alpnparse.c alpnparse.h
 	@mkdir -p build
@@ -171,7 +172,7 @@ clean:
 # valgrind memcheck over the main paths (relay, ACME exec, bad hello,
 # PROXY, deadline, listening mode): slow, so not part of `make check`.
 # memcheck needs a dynamic alpnd (it replaces malloc in libc.so).
-build/valgrind/alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h
+build/valgrind/alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h shared.h
 	@mkdir -p build/valgrind
 	$(CC) $(ALL_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ $(ALPND_SRC)
 

@@ -91,7 +91,7 @@ client_name(struct conn *c, char *buf, size_t sz)
 		return;
 	}
 	peer_addr(c);
-	fmt_addr(buf, sz, (struct sockaddr *)&c->peer, c->peerlen);
+	fmt_sockaddr(buf, sz, (struct sockaddr *)&c->peer, c->peerlen);
 }
 
 void

@@ -36,10 +36,10 @@
 #include <gnutls/gnutls.h>
 #include <gnutls/crypto.h>
 #include <gnutls/x509.h>
-#include <systemd/sd-daemon.h>
 #include <systemd/sd-journal.h>
 
 #include "alpnparse.h"
+#include "shared.h"
 
 #define PROG		"alpnd-respond"
 #define ACME_OID	"1.3.6.1.5.5.7.1.31"	/* id-pe-acmeIdentifier, RFC 8737 6.1 */
@@ -149,34 +149,6 @@ pull_timeout(gnutls_transport_ptr_t ptr, unsigned int ms)
 	pfd.fd = (int)(intptr_t)ptr;
 	pfd.events = POLLIN;
 	return poll(&pfd, 1, (int)left + 1);
-}
-
-/* Escape untrusted bytes for a log line: printable ASCII stays, rest \xNN. */
-static void
-escape(char *dst, size_t dstlen, const uint8_t *s, size_t len)
-{
-	static const char hex[] = "0123456789abcdef";
-	size_t i, o = 0;
-
-	if (dstlen == 0)
-		return;
-	for (i = 0; i < len; i++) {
-		uint8_t c = s[i];
-
-		if (c > 0x20 && c < 0x7f && c != '"' && c != '\\') {
-			if (o + 1 >= dstlen)
-				break;
-			dst[o++] = (char)c;
-		} else {
-			if (o + 4 >= dstlen)
-				break;
-			dst[o++] = '\\';
-			dst[o++] = 'x';
-			dst[o++] = hex[c >> 4];
-			dst[o++] = hex[c & 0xf];
-		}
-	}
-	dst[o] = '\0';
 }
 
 /*
@@ -525,7 +497,7 @@ check_pair(const struct ident *id, struct pair *p, char *why, size_t whylen)
 				snprintf(why, whylen, "subjectAltName is not "
 				    "a dNSName");
 			else if (san.size != id->len) {
-				escape(oid, sizeof(oid), san.data, san.size);
+				log_escape(oid, sizeof(oid), san.data, san.size);
 				snprintf(why, whylen, "subjectAltName dNSName "
 				    "'%s' is not %s", oid, id->name);
 			} else {
@@ -539,7 +511,7 @@ check_pair(const struct ident *id, struct pair *p, char *why, size_t whylen)
 						san_ok = 0;
 				}
 				if (!san_ok) {
-					escape(oid, sizeof(oid), san.data,
+					log_escape(oid, sizeof(oid), san.data,
 					    san.size);
 					snprintf(why, whylen, "subjectAltName "
 					    "dNSName '%s' is not %s", oid,
@@ -662,18 +634,12 @@ load_pair(int dirfd, const struct ident *id, struct pair *p, char *why,
 static void
 log_conn(struct conn *c)
 {
-	const char *js = getenv("JOURNAL_STREAM");
 	double ms = elapsed_ms(&c->start);
-	unsigned long long dev, ino;
-	struct stat st;
 
 	if (c->result == NULL)
 		c->result = "error";
 
-	/* JOURNAL_STREAM=dev:ino names our stderr only if it still matches. */
-	if (js != NULL && sscanf(js, "%llu:%llu", &dev, &ino) == 2 &&
-	    fstat(STDERR_FILENO, &st) == 0 && (unsigned long long)st.st_dev ==
-	    dev && (unsigned long long)st.st_ino == ino) {
+	if (stderr_is_journal()) {
 		sd_journal_send(
 		    "MESSAGE=%s %s %s \"%s\" %.1fms", c->client, c->sni,
 		    c->result, c->why, ms,
@@ -709,36 +675,16 @@ peer_name(int fd, char *buf, size_t len)
 {
 	struct sockaddr_storage ss;
 	socklen_t sl = sizeof(ss);
-	char host[INET6_ADDRSTRLEN];
 	const char *env;
 
 	/* The router may know better (it consumed a PROXY header). */
 	if ((env = getenv("ALPND_CLIENT")) != NULL && *env != '\0') {
-		escape(buf, len, (const uint8_t *)env, strnlen(env, 64));
+		log_escape(buf, len, (const uint8_t *)env, strnlen(env, 64));
 		return;
 	}
-	snprintf(buf, len, "-");
 	if (getpeername(fd, (struct sockaddr *)&ss, &sl) == -1)
-		return;
-	if (ss.ss_family == AF_INET) {
-		struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
-
-		inet_ntop(AF_INET, &s4->sin_addr, host, sizeof(host));
-		snprintf(buf, len, "%s:%u", host, ntohs(s4->sin_port));
-	} else if (ss.ss_family == AF_INET6) {
-		struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
-
-		if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
-			inet_ntop(AF_INET, &s6->sin6_addr.s6_addr[12], host,
-			    sizeof(host));
-			snprintf(buf, len, "%s:%u", host, ntohs(s6->sin6_port));
-		} else {
-			inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof(host));
-			snprintf(buf, len, "[%s]:%u", host,
-			    ntohs(s6->sin6_port));
-		}
-	} else if (ss.ss_family == AF_UNIX)
-		snprintf(buf, len, "unix");
+		sl = 0;
+	fmt_sockaddr(buf, len, (struct sockaddr *)&ss, sl);
 }
 
 /*
@@ -795,7 +741,7 @@ client_hello_hook(gnutls_session_t session, unsigned htype, unsigned when,
 		return GNUTLS_E_UNEXPECTED_PACKET;
 	}
 	if (hello.sni != NULL)
-		escape(c->sni, sizeof(c->sni), hello.sni, hello.sni_len);
+		log_escape(c->sni, sizeof(c->sni), hello.sni, hello.sni_len);
 	if (!hello.has_acme) {
 		c->result = "no_acme_alpn";
 		snprintf(c->why, sizeof(c->why), "client did not offer %s%s",
@@ -881,17 +827,11 @@ connection_fd(void)
 	socklen_t sl;
 	struct stat st;
 
-	n = sd_listen_fds(1);
-	if (n < 0) {
-		fprintf(stderr, "%s: LISTEN_FDS: %s\n", PROG, strerror(-n));
-		return -1;
-	}
-	if (n > 1) {
+	if ((fd = inherited_fd(&n)) == -1) {
 		fprintf(stderr, "%s: LISTEN_FDS=%d, expected one connection\n",
 		    PROG, n);
 		return -1;
 	}
-	fd = n == 1 ? SD_LISTEN_FDS_START : STDIN_FILENO;
 	if (fstat(fd, &st) == -1 || !S_ISSOCK(st.st_mode)) {
 		fprintf(stderr, "%s: fd %d is not a socket; run me from alpnd, "
 		    "inetd or a socket unit with Accept=yes\n", PROG, fd);
@@ -941,13 +881,7 @@ serve(const char *dir, int dirfd, int dir_errno, int timeout)
 		return EX_USAGE;
 	c.fd = fd;
 	peer_name(fd, c.client, sizeof(c.client));
-	{
-		struct stat es, cs;
-
-		stderr_is_conn = fstat(STDERR_FILENO, &es) == 0 &&
-		    fstat(fd, &cs) == 0 && es.st_dev == cs.st_dev &&
-		    es.st_ino == cs.st_ino;
-	}
+	stderr_is_conn = same_file(STDERR_FILENO, fd);
 
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = SIG_IGN;
@@ -1405,9 +1339,9 @@ main(int argc, char *argv[])
 			errno = 0;
 			timeout = strtol(optarg, &end, 10);
 			if (errno != 0 || end == optarg || *end != '\0' ||
-			    timeout < 1 || timeout > 3600) {
-				fprintf(stderr, "%s: --hello-timeout: 1..3600 "
-				    "seconds\n", PROG);
+			    timeout < 1 || timeout > HELLO_TIMEOUT_MAX) {
+				fprintf(stderr, "%s: --hello-timeout: 1..%d "
+				    "seconds\n", PROG, HELLO_TIMEOUT_MAX);
 				return EX_USAGE;
 			}
 			break;

@@ -11,6 +11,8 @@
  *   loop.c	the event loop, for one connection or a listening socket
  *   addr.c	backend addresses: parse, resolve
  *   log.c	where log lines go, and how
+ *   shared.c	what alpnd-respond uses too: log escaping, addresses in
+ *		print, stderr and the journal, LISTEN_FDS
  *   sources.c	connections per client address (--max-per-source)
  *   alpnparse.c	the pure parsers: ClientHello, PROXY header (and its builder)
  *
@@ -28,6 +30,7 @@
 #include <stdint.h>
 
 #include "alpnparse.h"
+#include "shared.h"
 
 #ifndef ALPND_VERSION
 #define ALPND_VERSION		"unknown"
@@ -71,7 +74,6 @@ extern struct addr	 fallback_addr, acme_addr;	/* acme_addr.spec NULL: none */
 
 void	parse_addr(struct addr *, const char *);
 int	resolve(struct addr *);
-void	fmt_addr(char *, size_t, const struct sockaddr *, socklen_t);
 
 /* log.c */
 extern pid_t	 mypid;
@@ -79,7 +81,6 @@ void	log_setup(int);
 void	logmsg(int, const char *, ...) __attribute__((format(printf, 2, 3)));
 void	die(int, const char *, ...)
 	    __attribute__((noreturn, format(printf, 2, 3)));
-size_t	log_escape(char *, size_t, const uint8_t *, size_t);
 int64_t	now_us(void);
 
 /* conn.c: one connection's state machine. */
