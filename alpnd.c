@@ -111,7 +111,31 @@ parse_secs(const char *s, const char *name, int zero_ok)
 	return (int64_t)(d * SEC);
 }
 
-/* The command line into o, once; *reload_pid for --reload PID. */
+/* What the options say together; the addresses parsed. */
+static void
+check_options(const char *fb, const char *ac)
+{
+	if (fb == NULL) {
+		fprintf(stderr, "alpnd: --fallback is required\n");
+		usage(EX_USAGE);
+	}
+	if ((o.certs == NULL) == (ac == NULL)) {
+		fprintf(stderr, "alpnd: give one of --certs and --acme\n");
+		usage(EX_USAGE);
+	}
+	if (o.acme_send_proxy && ac == NULL) {
+		fprintf(stderr, "alpnd: --acme-send-proxy needs --acme\n");
+		usage(EX_USAGE);
+	}
+	parse_addr(&fallback_addr, fb);
+	if (ac)
+		parse_addr(&acme_addr, ac);
+}
+
+/*
+ * The command line into o, once; *reload_pid for --reload PID.  Longer
+ * than the rest: one case per option, beside the option table.
+ */
 static void
 parse_options(int argc, char *argv[], pid_t *reload_pid)
 {
@@ -218,22 +242,7 @@ parse_options(int argc, char *argv[], pid_t *reload_pid)
 		fprintf(stderr, "alpnd: unexpected argument: %s\n", argv[optind]);
 		usage(EX_USAGE);
 	}
-	if (fb == NULL) {
-		fprintf(stderr, "alpnd: --fallback is required\n");
-		usage(EX_USAGE);
-	}
-	if ((o.certs == NULL) == (ac == NULL)) {
-		fprintf(stderr, "alpnd: give one of --certs and --acme\n");
-		usage(EX_USAGE);
-	}
-	if (o.acme_send_proxy && ac == NULL) {
-		fprintf(stderr, "alpnd: --acme-send-proxy needs --acme\n");
-		usage(EX_USAGE);
-	}
-	parse_addr(&fallback_addr, fb);
-	if (ac) {
-		parse_addr(&acme_addr, ac);
-	}
+	check_options(fb, ac);
 }
 
 /*

@@ -265,6 +265,45 @@ consume(int fd, size_t n)
 	return 0;
 }
 
+/*
+ * --accept-proxy: the PROXY header in the first len bytes of peekbuf.
+ * Consumed once whole; returns 1 when ClientHello bytes follow it, 0 to
+ * wait for more, -1 when the connection is finished.
+ */
+static ssize_t
+proxy_step(struct conn *c, size_t len, int hup)
+{
+	size_t need = 0;
+
+	switch (alpn_parse_proxy(peekbuf, len, &c->px, &need)) {
+	case ALPN_OK:
+		break;
+	case ALPN_NEED_MORE:
+		if (hup || len == sizeof(peekbuf)) {
+			finish(c, EX_DATAERR, "truncated PROXY header (%zu bytes)",
+			    len);
+			return -1;
+		}
+		set_lowat(c, need > ALPN_PROXY_MAX ? ALPN_PROXY_MAX : (int)need);
+		return 0;
+	default:
+		finish(c, EX_DATAERR, "bad PROXY header");
+		return -1;
+	}
+	if (consume(c->cfd, c->px.hdr_len) == -1) {
+		finish(c, EX_IOERR, "reading the PROXY header failed");
+		return -1;
+	}
+	c->have_px = !c->px.local && c->px.family != ALPN_PROXY_UNKNOWN;
+	c->state = S_HELLO;
+	if (len > c->px.hdr_len)
+		return 1;
+	set_lowat(c, 1);
+	if (hup)
+		finish(c, EX_DATAERR, "closed after the PROXY header");
+	return hup ? -1 : 0;
+}
+
 void
 hello_step(struct conn *c, uint32_t ev)
 {
@@ -299,38 +338,10 @@ hello_step(struct conn *c, uint32_t ev)
 	len = n;
 
 	if (c->state == S_PROXY) {
-		st = alpn_parse_proxy(p, len, &c->px, &need);
-		switch (st) {
-		case ALPN_OK:
-			break;
-		case ALPN_NEED_MORE:
-			if (hup || len == sizeof(peekbuf)) {
-				finish(c, EX_DATAERR,
-				    "truncated PROXY header (%zu bytes)", len);
-				return;
-			}
-			set_lowat(c, need > ALPN_PROXY_MAX ? ALPN_PROXY_MAX :
-			    (int)need);
+		if ((n = proxy_step(c, len, hup)) <= 0)
 			return;
-		default:
-			finish(c, EX_DATAERR, "bad PROXY header");
-			return;
-		}
-		if (consume(c->cfd, c->px.hdr_len) == -1) {
-			finish(c, EX_IOERR, "reading the PROXY header failed");
-			return;
-		}
-		c->have_px = !c->px.local && c->px.family != ALPN_PROXY_UNKNOWN;
-		c->state = S_HELLO;
 		p += c->px.hdr_len;
 		len -= c->px.hdr_len;
-		if (len == 0) {
-			set_lowat(c, 1);
-			if (hup)
-				finish(c, EX_DATAERR,
-				    "closed after the PROXY header");
-			return;
-		}
 	}
 
 	st = alpn_parse_hello(p, len, &hello, &need);

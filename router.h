@@ -125,7 +125,7 @@ struct conn {
 	int		 nonblock;	/* O_NONBLOCK set on cfd by us */
 	int		 registered;	/* cfd is in the epoll set */
 	int		 bregistered;	/* bfd is in the epoll set */
-	int64_t		 t0, deadline, active;
+	int64_t		 t0, deadline;
 	struct addr	*dst;
 	size_t		 ai;		/* address of dst being tried */
 	int64_t		 connect_by;	/* a busy backend is retried until then */
