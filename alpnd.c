@@ -35,7 +35,7 @@ static struct options	 o = {
 	.hello_timeout = 10 * SEC,
 	.exit_idle = -1,
 	.drain = 30 * SEC,
-	.max_per_source = 256,
+	.max_per_source = 1024,
 };
 const struct options *const opt = &o;
 
@@ -63,7 +63,7 @@ usage(int code)
 	    "  -m, --max-conn N          listening-socket mode: connections held at once\n"
 	    "                            (default: what the descriptor limit allows)\n"
 	    "  -s, --max-per-source N    listening-socket mode: connections held per client\n"
-	    "                            address (default 256, 0: no limit)\n"
+	    "                            address (default 1024, 0: no limit)\n"
 	    "  -R, --reload PID          have the alpnd PID (listening-socket mode) run again\n"
 	    "                            with the options that follow, relays untouched\n"
 	    "  -v, --verbose / -q, --quiet / -V, --version / -h, --help\n"

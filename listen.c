@@ -32,6 +32,7 @@ char		 listener_tag, signal_tag;
 
 static void	stop_accepting(int64_t);
 static void	reload(const struct signalfd_siginfo *);
+static void	save_drainers(pid_t);
 static int	 lfd = -1;	/* the listening socket */
 static int	 sfd = -1;	/* signalfd: SIGCHLD, SIGTERM, SIGINT, SIGHUP */
 static int	 listen_paused;
@@ -46,6 +47,13 @@ static size_t	 max_conn;	/* --max-conn, or from the descriptor limit */
 static int	 reserve_fd = -1;	/* given up to shed a client on EMFILE */
 static char	 self_path[4096];	/* the binary a reload executes */
 static char	**self_argv;
+/*
+ * Children left by reloads, each finishing the relays it was handed; a
+ * stop is passed on to them (systemd's KillMode=mixed signals only the
+ * main process).  Kept across the re-execution in ALPND_DRAINING.
+ */
+static pid_t	 drainers[32];
+static size_t	 ndrainers;
 /* Connections closed at once for a bound, logged once per SUMMARY_US. */
 static struct {
 	unsigned long	 total, source, fds;
@@ -68,6 +76,7 @@ void
 on_signal(int64_t now)
 {
 	struct signalfd_siginfo si;
+	size_t i;
 	int status;
 	pid_t pid;
 
@@ -79,6 +88,8 @@ on_signal(int64_t now)
 				stop_accepting(now);
 				run_state = STOPPING;
 				drain_at = now + opt->drain;
+				for (i = 0; i < ndrainers; i++)
+					(void)kill(drainers[i], SIGTERM);
 			}
 			break;
 		case SIGHUP:
@@ -87,10 +98,14 @@ on_signal(int64_t now)
 			break;
 		}
 	}
-	while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
+	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+		for (i = 0; i < ndrainers; i++)
+			if (drainers[i] == pid)
+				drainers[i] = drainers[--ndrainers];
 		if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
 			logmsg(LOG_DEBUG, "child %ld exited %d", (long)pid,
 			    WEXITSTATUS(status));
+	}
 }
 
 /* A client over a bound: closed at once, counted, summarised later. */
@@ -361,6 +376,7 @@ reload(const struct signalfd_siginfo *si)
 	}
 	if (pid == 0) {
 		mypid = getpid();
+		ndrainers = 0;		/* those are our siblings now */
 		run_state = REPLACED;
 		(void)epoll_ctl(ep, EPOLL_CTL_DEL, lfd, NULL);
 		close(lfd);
@@ -376,6 +392,7 @@ reload(const struct signalfd_siginfo *si)
 	close(ep);
 	ep = -1;
 	(void)fcntl(lfd, F_SETFD, 0);
+	save_drainers(pid);
 	if (lfd == 3) {
 		char v[24];
 
@@ -394,6 +411,40 @@ reload(const struct signalfd_siginfo *si)
 out:
 	free(argv);
 	free(buf);
+}
+
+/* The drainers, and the new one, for the re-executed process. */
+static void
+save_drainers(pid_t pid)
+{
+	char list[sizeof(drainers) / sizeof(drainers[0]) * 12 + 1];
+	size_t i, n = 0;
+
+	if (ndrainers < sizeof(drainers) / sizeof(drainers[0]))
+		drainers[ndrainers++] = pid;
+	list[0] = '\0';
+	for (i = 0; i < ndrainers; i++)
+		n += snprintf(list + n, sizeof(list) - n, "%s%ld", i ? "," : "",
+		    (long)drainers[i]);
+	(void)setenv("ALPND_DRAINING", list, 1);
+}
+
+/* Those a previous process image left: ours to stop, not the responders'. */
+static void
+load_drainers(void)
+{
+	const char *s = getenv("ALPND_DRAINING");
+	char *end;
+	long v;
+
+	while (s && *s && ndrainers < sizeof(drainers) / sizeof(drainers[0])) {
+		v = strtol(s, &end, 10);
+		if (end == s || v <= 1)
+			break;
+		drainers[ndrainers++] = (pid_t)v;
+		s = *end == ',' ? end + 1 : end;
+	}
+	(void)unsetenv("ALPND_DRAINING");
 }
 
 /*
@@ -501,6 +552,7 @@ listen_start(int fd)
 	int fl;
 
 	lfd = fd;
+	load_drainers();
 	listen_setup();
 	limits_setup();
 	(void)fcntl(lfd, F_SETFD, FD_CLOEXEC);

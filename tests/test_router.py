@@ -1580,3 +1580,28 @@ def test_early_ends_are_logged_within_a_budget(activate, echo_backend):
                   r"ClientHello", text)
     assert m and int(m.group(1)) == n - 50, text[-2000:]
     assert any(x["result"] == "ok" for x in a.lines())
+
+
+def test_stop_after_reload_drains_the_reloaded_relays(activate, echo_backend):
+    """A stop reaches the child a reload left with the old relays (systemd
+    signals only the main process): it drains them within --drain and
+    says how many it cut; the main process waits for it."""
+    be = echo_backend("echo")
+    a = activate(["--fallback", be.addr, "--acme", "127.0.0.1:9",
+                  "--exit-idle", "30", "--drain", "1"], mode="listen")
+    s, ask = _held(a.port)
+    assert ask(b"x") == b"x"
+    os.kill(a.proc.pid, signal.SIGHUP)
+    wait_log(a.log, r"reload: 1 connections stay with pid (\d+)")
+    child = int(re.search(r"stay with pid (\d+)", a.text()).group(1))
+    wait_log(a.log, r"listening-socket mode|reload")
+    assert ask(b"y") == b"y"
+    t0 = time.monotonic()
+    os.kill(a.proc.pid, signal.SIGTERM)
+    assert a.proc.wait(10) == 0
+    assert 0.5 < time.monotonic() - t0 < 5
+    assert re.search(r"alpnd\[%d\]: stopping: 1 connections cut after the "
+                     r"drain" % child, a.text()), a.text()
+    assert not os.path.exists("/proc/%d/stat" % child) or \
+        open("/proc/%d/stat" % child).read().split()[2] == "Z"
+    s.close()
