@@ -466,6 +466,8 @@ def test_unit_contract():
         assert int(unit_values(p, "TimeoutStopSec")[0]) > drain + 5
         assert unit_values(p, "Requires") == \
             [name.replace(".service", ".socket")]
+        # idle exits and restarts must not trip the start limit
+        assert unit_values(p, "StartLimitIntervalSec") == ["0"]
     for svc in ALPND_SERVICES:
         p = UNITS / svc
         ent = {k: v for _, k, v in unit_entries(p)}
