@@ -30,6 +30,7 @@ SAN		= -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-po
 FUZZ_SECONDS	?= 60
 
 PROGS		= alpnd alpnd-respond
+ALPND_SRC	= alpnd.c alpnparse.c sources.c
 # Installed into DOCDIR/examples; placeholders substituted like the units'.
 EXAMPLES	= default-alpnd dehydrated-hook haproxy-backend.cfg nginx-backend.conf \
 		  tcpserver-run uacme-hook xinetd.alpnd
@@ -61,16 +62,16 @@ ALPND_CC	= $(CC)
 ALPND_LINK	?= -static-pie
 ALPND_LINK_END	=
 endif
-alpnd: alpnd.c alpnparse.c alpnparse.h
-	$(ALPND_CC) $(ALL_CFLAGS) $(LDHARDEN) $(ALPND_LINK) $(LDFLAGS) -o $@ alpnd.c alpnparse.c $(ALPND_LINK_END)
+alpnd: $(ALPND_SRC) alpnparse.h sources.h
+	$(ALPND_CC) $(ALL_CFLAGS) $(LDHARDEN) $(ALPND_LINK) $(LDFLAGS) -o $@ $(ALPND_SRC) $(ALPND_LINK_END)
 
 alpnd-respond: respond.c alpnparse.c alpnparse.h
 	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ respond.c alpnparse.c $(TLS_LIBS)
 
 # Sanitizer builds of everything, used by `make check` and the hostile suite.
-build/asan/alpnd: alpnd.c alpnparse.c alpnparse.h
+build/asan/alpnd: $(ALPND_SRC) alpnparse.h sources.h
 	@mkdir -p build/asan
-	$(CC) $(ALL_CFLAGS) $(SAN) -o $@ alpnd.c alpnparse.c
+	$(CC) $(ALL_CFLAGS) $(SAN) -o $@ $(ALPND_SRC)
 
 build/asan/alpnd-respond: respond.c alpnparse.c alpnparse.h
 	@mkdir -p build/asan
@@ -164,9 +165,9 @@ clean:
 # valgrind memcheck over the main paths (relay, ACME exec, bad hello,
 # PROXY, deadline, listening mode): slow, so not part of `make check`.
 # memcheck needs a dynamic alpnd (it replaces malloc in libc.so).
-build/valgrind/alpnd: alpnd.c alpnparse.c alpnparse.h
+build/valgrind/alpnd: $(ALPND_SRC) alpnparse.h sources.h
 	@mkdir -p build/valgrind
-	$(CC) $(ALL_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ alpnd.c alpnparse.c
+	$(CC) $(ALL_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ $(ALPND_SRC)
 
 valgrind: all build/valgrind/alpnd
 	@tests/deps build check

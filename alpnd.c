@@ -46,6 +46,7 @@
 #include <unistd.h>
 
 #include "alpnparse.h"
+#include "sources.h"
 
 #ifndef ALPND_VERSION
 #define ALPND_VERSION		"unknown"
@@ -60,6 +61,7 @@
 #define MAX_EVENTS	64
 #define ACCEPT_BATCH	64
 #define SEC		1000000LL	/* times are in microseconds */
+#define RETRY_US	(10 * 1000)	/* a backend's full accept queue: try again */
 
 extern char **environ;
 
@@ -120,10 +122,12 @@ struct conn {
 	int64_t		 t0, deadline, active;
 	struct addr	*dst;
 	size_t		 ai;		/* address of dst being tried */
+	int64_t		 connect_by;	/* a busy backend is retried until then */
 	int		 cerr;		/* last connect error */
 	struct dir	 up, dn;	/* client->backend, backend->client */
 	struct sockaddr_storage peer;
 	socklen_t	 peerlen;
+	struct source	*src;		/* its client address, --max-per-source */
 	struct alpn_proxy px;
 	int		 have_px;	/* px holds a TCP4/TCP6 client */
 	char		 sni[256];
@@ -144,21 +148,26 @@ static char		 default_respond[] = ALPND_RESPOND_PATH;
 static char		*certs;
 static char		*respond_path = default_respond;
 static int		 accept_proxy;
-static int		 send_proxy;	/* 0, 1 or 2 */
+static int		 send_proxy;	/* to the fallback: 0, 1 or 2 */
+static int		 acme_send_proxy;	/* to --acme: 0, 1 or 2 */
 static int64_t		 hello_timeout = 10 * SEC;
 static int64_t		 idle_timeout;	/* 0: none */
 static int64_t		 exit_idle = -1;	/* -1: never */
+static int64_t		 drain = 30 * SEC;	/* stop: relays may finish */
+static pid_t		 reload_pid;	/* --reload PID */
+static size_t		 max_conn;	/* 0: from the descriptor limit */
+static unsigned		 max_per_source = 256;	/* 0: no limit */
 static int		 verbose;	/* -1 quiet, 0, 1 verbose */
 
 /* State. */
 static int		 ep = -1;
 static int		 lfd = -1;	/* listening socket, listening mode */
-static int		 sfd = -1;	/* signalfd for SIGCHLD */
+static int		 sfd = -1;	/* signalfd: SIGCHLD, SIGTERM, SIGINT, SIGHUP */
 static int		 listening;
 static int		 use_syslog, use_journal;
 static int		 grow_pipes = PIPE_SIZE > 65536;
-static size_t		 nconn, nchild;
-static struct queue	 q_hello, q_connect, q_relay;
+static size_t		 nconn;
+static struct queue	 q_hello, q_connect, q_retry, q_relay;
 static struct conn	*dead;		/* freed after each event batch */
 static struct conn	*again;		/* relays that stopped on their budget */
 static int		 exit_code = EX_OK;
@@ -166,6 +175,21 @@ static int		 single_done;
 static int		 listen_paused;
 static int64_t		 resume_at;
 static pid_t		 mypid;
+static enum {
+	RUNNING,
+	STOPPING,	/* SIGTERM: no new connections, relays end by drain_at */
+	REPLACED	/* reloaded: this copy only finishes its relays */
+}			 run_state;
+static int64_t		 drain_at;
+static int		 reserve_fd = -1;	/* given up to shed a client on EMFILE */
+/* Connections closed at once for a bound, logged once per SUMMARY_US. */
+static struct {
+	unsigned long	 total, source, fds;
+	int64_t		 log_at;	/* 0: nothing to say */
+} over;
+#define SUMMARY_US	(10 * SEC)
+static char		 self_path[4096];	/* the binary a reload executes */
+static char		**self_argv;
 
 /* Free pipes, kept in listening mode for the next connection. */
 struct spare {
@@ -213,11 +237,20 @@ usage(int code)
 	    "  -a, --acme ADDR           relay acme-tls/1 to an ACME client's own TLS listener\n"
 	    "  -p, --accept-proxy        expect a PROXY protocol v1 or v2 header first\n"
 	    "  -P, --send-proxy v1|v2    send a PROXY header to the fallback first\n"
+	    "  -A, --acme-send-proxy v1|v2  send a PROXY header to --acme ADDR first\n"
 	    "  -t, --hello-timeout SECS  deadline for the whole ClientHello, and for\n"
 	    "                            each backend connect (default 10)\n"
 	    "  -i, --idle-timeout SECS   close a relay idle this long (default: none)\n"
 	    "  -r, --respond PATH        the responder (default " ALPND_RESPOND_PATH ")\n"
 	    "  -x, --exit-idle SECS      listening-socket mode: exit after SECS with no connection\n"
+	    "  -D, --drain SECS          listening-socket mode: on SIGTERM, let relays finish\n"
+	    "                            this long (default 30)\n"
+	    "  -m, --max-conn N          listening-socket mode: connections held at once\n"
+	    "                            (default: what the descriptor limit allows)\n"
+	    "  -s, --max-per-source N    listening-socket mode: connections held per client\n"
+	    "                            address (default 256, 0: no limit)\n"
+	    "  -R, --reload PID          have the alpnd PID (listening-socket mode) run again\n"
+	    "                            with the options that follow, relays untouched\n"
 	    "  -v, --verbose / -q, --quiet / -V, --version / -h, --help\n"
 	    "ADDR: 192.0.2.1:8443, [2001:db8::1]:8443, localhost:8443, unix:/run/https.sock\n"
 	    "The connection is fd 0 (inetd, tcpserver) or the LISTEN_FDS descriptor\n"
@@ -443,6 +476,30 @@ resolve(struct addr *a)
 	return 0;
 }
 
+static int
+proxy_version(const char *s, const char *opt)
+{
+	if (strcmp(s, "v1") == 0 || strcmp(s, "1") == 0)
+		return 1;
+	if (strcmp(s, "v2") == 0 || strcmp(s, "2") == 0)
+		return 2;
+	die(EX_USAGE, "%s %s: expected v1 or v2", opt, s);
+}
+
+static size_t
+parse_count(const char *s, const char *opt, unsigned long min)
+{
+	unsigned long v;
+	char *end;
+
+	errno = 0;
+	v = strtoul(s, &end, 10);
+	if (*s < '0' || *s > '9' || *end != '\0' || errno || v < min ||
+	    v > 1000000000UL)
+		die(EX_USAGE, "%s %s: expected a number", opt, s);
+	return v;
+}
+
 static int64_t
 parse_secs(const char *s, const char *opt, int zero_ok)
 {
@@ -589,6 +646,8 @@ finish(struct conn *c, int code, const char *fmt, ...)
 		single_done = 1;
 		return;
 	}
+	source_put(c->src);
+	c->src = NULL;
 	if (c->bfd != -1)
 		close(c->bfd);
 	if (c->cfd != -1) {
@@ -728,7 +787,14 @@ respond(struct conn *c, int64_t now)
 		/*
 		 * Same process, same connection: fd 0, or fd 3 with
 		 * LISTEN_FDS/LISTEN_PID intact (the pid survives execve).
+		 * The line below is this connection's log line, so a missing
+		 * responder is found before it is written, not after.
 		 */
+		if (access(respond_path, X_OK) == -1) {
+			finish(c, EX_UNAVAILABLE, "exec: %s: %s",
+			    strerror(errno), respond_path);
+			return;
+		}
 		snprintf(c->result, sizeof(c->result), "exec %s", respond_path);
 		log_conn(c, now);
 		if (c->nonblock)
@@ -737,13 +803,14 @@ respond(struct conn *c, int64_t now)
 			/* The responder cannot see the PROXY header we ate. */
 			client_name(c, client, sizeof(client));
 			(void)setenv("ALPND_CLIENT", client, 1);
-		}
+		} else	/* only ever from a PROXY header we accepted */
+			(void)unsetenv("ALPND_CLIENT");
 		signal(SIGPIPE, SIG_DFL);
 		execve(respond_path, argv, environ);
 		e = errno;
 		signal(SIGPIPE, SIG_IGN);
-		finish(c, EX_UNAVAILABLE, "exec %s: %s", respond_path,
-		    strerror(e));
+		finish(c, EX_UNAVAILABLE, "exec: %s: %s", strerror(e),
+		    respond_path);
 		return;
 	}
 
@@ -757,13 +824,15 @@ respond(struct conn *c, int64_t now)
 	(void)epoll_ctl(ep, EPOLL_CTL_DEL, c->cfd, NULL);
 	c->registered = 0;
 	(void)fcntl(c->cfd, F_SETFL, O_RDWR);
-	if ((e = posix_spawn_file_actions_init(&fa)) != 0 ||
-	    (e = posix_spawn_file_actions_adddup2(&fa, c->cfd,
-	    STDIN_FILENO)) != 0 ||
-	    (e = posix_spawnattr_init(&attr)) != 0) {
-		finish(c, EX_OSERR, "posix_spawn: %s", strerror(e));
-		return;
+	if ((e = posix_spawn_file_actions_init(&fa)) != 0)
+		goto fail;
+	if ((e = posix_spawnattr_init(&attr)) != 0) {
+		posix_spawn_file_actions_destroy(&fa);
+		goto fail;
 	}
+	if ((e = posix_spawn_file_actions_adddup2(&fa, c->cfd,
+	    STDIN_FILENO)) != 0)
+		goto out;
 	sigemptyset(&set);
 	(void)posix_spawnattr_setsigmask(&attr, &set);
 	sigaddset(&set, SIGPIPE);
@@ -782,18 +851,19 @@ respond(struct conn *c, int64_t now)
 	e = posix_spawn(&pid, respond_path, &fa, &attr, argv, envp);
 	if (envp != environ)
 		envp[child_nenv] = NULL;
+out:
 	posix_spawn_file_actions_destroy(&fa);
 	posix_spawnattr_destroy(&attr);
+fail:
 	if (e != 0) {
-		finish(c, EX_UNAVAILABLE, "exec %s: %s", respond_path,
-		    strerror(e));
+		finish(c, e == ENOMEM ? EX_OSERR : EX_UNAVAILABLE,
+		    "exec: %s: %s", strerror(e), respond_path);
 		return;
 	}
-	nchild++;
 	/* The child has the connection now: no draining its bytes. */
 	close(c->cfd);
 	c->cfd = -1;
-	finish(c, EX_OK, "exec %s pid %ld", respond_path, (long)pid);
+	finish(c, EX_OK, "exec pid %ld %s", (long)pid, respond_path);
 }
 
 static void
@@ -806,16 +876,22 @@ peer_addr(struct conn *c)
 		c->peerlen = 0;
 }
 
+/*
+ * The one routing rule: a complete ClientHello that offers acme-tls/1 goes
+ * to the ACME route; everything else (not TLS, malformed, over the cap, cut
+ * short, odd SNI) goes to the fallback as it came, so the client gets the
+ * web server's own answer.  why says what alpnd could not parse.
+ */
 static void
-route(struct conn *c, int tls, int64_t now)
+route(struct conn *c, int acme_hello, const char *why)
 {
 	/* Ask now: once both sides have closed, getpeername(2) fails. */
-	if ((verbose >= 0 || send_proxy) && !c->have_px)
+	if ((verbose >= 0 || send_proxy || acme_send_proxy) && !c->have_px)
 		peer_addr(c);
-	if (tls && hello.has_acme) {
+	if (acme_hello) {
 		if (certs) {
 			c->route = R_RESPOND;
-			respond(c, now);
+			respond(c, now_us());
 			return;
 		}
 		c->route = R_ACME;
@@ -824,9 +900,10 @@ route(struct conn *c, int tls, int64_t now)
 		c->route = R_FALLBACK;
 		c->dst = &fallback;
 	}
-	if (!tls)
-		logmsg(LOG_DEBUG, "not a TLS ClientHello: relayed as is");
+	if (why)
+		logmsg(LOG_DEBUG, "%s: relayed as is", why);
 	c->ai = 0;
+	c->connect_by = now_us() + hello_timeout;
 	start_connect(c);
 }
 
@@ -919,22 +996,22 @@ hello_step(struct conn *c, uint32_t ev)
 	switch (st) {
 	case ALPN_OK:
 		fill_names(c);
-		route(c, 1, now_us());
-		return;
-	case ALPN_NOT_TLS:
-		route(c, 0, now_us());
+		route(c, hello.has_acme, NULL);
 		return;
 	case ALPN_NEED_MORE:
-		if (hup || len == sizeof(peekbuf) - (p - peekbuf)) {
-			finish(c, EX_DATAERR, "truncated ClientHello (%zu bytes)",
-			    len);
-			return;
-		}
-		/* Wake up only when enough has arrived: no spinning. */
-		set_lowat(c, need > ALPN_WIRE_MAX ? ALPN_WIRE_MAX : (int)need);
+		if (hup)
+			route(c, 0, "ClientHello cut short by the client");
+		else if (len == sizeof(peekbuf) - (size_t)(p - peekbuf))
+			route(c, 0, "ClientHello over the size cap");
+		else	/* wake up only when enough has arrived: no spinning */
+			set_lowat(c, need > ALPN_WIRE_MAX ? ALPN_WIRE_MAX :
+			    (int)need);
+		return;
+	case ALPN_NOT_TLS:
+		route(c, 0, "not a TLS ClientHello");
 		return;
 	default:
-		finish(c, EX_DATAERR, "bad ClientHello (%zu bytes)", len);
+		route(c, 0, "malformed ClientHello");
 		return;
 	}
 }
@@ -986,9 +1063,22 @@ start_connect(struct conn *c)
 			return;
 		}
 		c->cerr = errno;
+		close(fd);
+		if (c->cerr == EAGAIN && now_us() + RETRY_US < c->connect_by) {
+			/*
+			 * A unix socket whose accept queue is full says EAGAIN
+			 * where TCP would queue the SYN: wait and try the
+			 * same address again, as TCP would.
+			 */
+			if (c->state != S_CONNECT)
+				logmsg(LOG_DEBUG, "backend %s: accept queue "
+				    "full, waiting", a->spec);
+			c->state = S_CONNECT;
+			q_append(&q_retry, c, now_us());
+			return;
+		}
 		logmsg(LOG_DEBUG, "connect %s (address %zu): %s", a->spec,
 		    c->ai, strerror(c->cerr));
-		close(fd);
 	}
 	finish(c, EX_UNAVAILABLE, "backend %s: %s", a->spec,
 	    strerror(c->cerr ? c->cerr : EADDRNOTAVAIL));
@@ -1038,7 +1128,7 @@ put_addr(char *buf, size_t sz, int af, const uint8_t *a)
  * LOCAL (v2) for clients that are not TCP.
  */
 static int
-send_proxy_header(struct conn *c)
+send_proxy_header(struct conn *c, int version)
 {
 	static const uint8_t sig[12] = "\r\n\r\n\0\r\nQUIT\n";
 	struct sockaddr_storage local;
@@ -1092,7 +1182,7 @@ send_proxy_header(struct conn *c)
 		}
 	}
 
-	if (send_proxy == 1) {
+	if (version == 1) {
 		if (fam == 0) {
 			n = (size_t)snprintf((char *)buf, sizeof(buf),
 			    "PROXY UNKNOWN\r\n");
@@ -1165,15 +1255,15 @@ static void
 start_relay(struct conn *c)
 {
 	int64_t now = now_us();
-	int one = 1;
+	int one = 1, proxy;
 
 	set_lowat(c, 1);
 	if (get_pipe(&c->up) == -1 || get_pipe(&c->dn) == -1) {
 		finish(c, EX_OSERR, "pipe: %s", strerror(errno));
 		return;
 	}
-	if (send_proxy && c->route == R_FALLBACK &&
-	    send_proxy_header(c) == -1) {
+	if ((proxy = c->route == R_FALLBACK ? send_proxy : acme_send_proxy) &&
+	    send_proxy_header(c, proxy) == -1) {
 		finish(c, EX_IOERR, "cannot send the PROXY header");
 		return;
 	}
@@ -1241,10 +1331,16 @@ urgent_step(struct dir *d, int src, int eof)
 	/* Read-time flag: the byte at the mark is now ordinary data. */
 	(void)setsockopt(src, SOL_SOCKET, SO_OOBINLINE, &one, sizeof(one));
 	d->urg = 1;
-	if (recv(src, &b, 1, MSG_DONTWAIT) != 1)
+	/*
+	 * Peek, write, then consume: a pipe counts its room in pages, not
+	 * bytes, so it can be full although inpipe < cap.  Then the byte
+	 * stays in the socket until the pipe drains (-1: wait).
+	 */
+	if (recv(src, &b, 1, MSG_DONTWAIT | MSG_PEEK) != 1)
 		return 0;
-	if (write(d->p[1], &b, 1) != 1)		/* inpipe < cap: room */
-		return 0;
+	if (write(d->p[1], &b, 1) != 1)
+		return -1;
+	(void)recv(src, &b, 1, MSG_DONTWAIT);
 	d->inpipe++;
 	d->total++;
 	return 1;
@@ -1272,12 +1368,14 @@ pump(struct dir *d, int src, int dst, int *moved, int *more)
 				if (d->inpipe >= d->cap / 2 && d->cap < PIPE_SIZE &&
 				    grow_pipes)
 					grow_pipe(d);
-			} else if ((n == 0 || errno == EAGAIN) &&
-			    urgent_step(d, src, n == 0))
-				progress = 1;
-			else if (n == 0)
-				d->eof = 1;
-			else if (errno != EAGAIN && errno != EINTR)
+			} else if (n == 0 || errno == EAGAIN) {
+				int u = urgent_step(d, src, n == 0);
+
+				if (u > 0)
+					progress = 1;
+				else if (u == 0 && n == 0)
+					d->eof = 1;
+			} else if (errno != EINTR)
 				return -1;
 		}
 		if (d->inpipe > 0) {
@@ -1410,6 +1508,10 @@ expire(int64_t now)
 	}
 	while ((c = q_connect.head) && c->deadline <= now)
 		connect_failed(c, ETIMEDOUT);
+	while ((c = q_retry.head) && c->deadline <= now) {
+		q_remove(c);
+		start_connect(c);
+	}
 	while (idle_timeout > 0 && (c = q_relay.head) && c->deadline <= now)
 		finish(c, EX_TEMPFAIL, "idle timeout");
 }
@@ -1423,35 +1525,121 @@ next_deadline(void)
 		d = q_hello.head->deadline;
 	if (q_connect.head && q_connect.head->deadline < d)
 		d = q_connect.head->deadline;
+	if (q_retry.head && q_retry.head->deadline < d)
+		d = q_retry.head->deadline;
 	if (idle_timeout > 0 && q_relay.head && q_relay.head->deadline < d)
 		d = q_relay.head->deadline;
 	if (listen_paused && resume_at < d)
 		d = resume_at;
+	if (over.log_at && over.log_at < d)
+		d = over.log_at;
 	return d;
 }
 
+/* Children (responders, a reloaded copy's relays) still running? */
+static int
+children(void)
+{
+	siginfo_t si;
+
+	return waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) == 0;
+}
+
+static void	stop_accepting(int64_t);
+static void	reload(const struct signalfd_siginfo *);
+
 static void
-reap(void)
+on_signal(int64_t now)
 {
 	struct signalfd_siginfo si;
 	int status;
 	pid_t pid;
 
-	while (read(sfd, &si, sizeof(si)) > 0)
-		;
-	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-		if (nchild > 0)
-			nchild--;
-		if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
-			logmsg(LOG_DEBUG, "responder %ld exited %d", (long)pid,
-			    WEXITSTATUS(status));
+	while (read(sfd, &si, sizeof(si)) == sizeof(si)) {
+		switch (si.ssi_signo) {
+		case SIGTERM:
+		case SIGINT:
+			if (run_state != STOPPING) {
+				stop_accepting(now);
+				run_state = STOPPING;
+				drain_at = now + drain;
+			}
+			break;
+		case SIGHUP:
+			if (run_state == RUNNING)
+				reload(&si);
+			break;
+		}
 	}
+	while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
+		if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
+			logmsg(LOG_DEBUG, "child %ld exited %d", (long)pid,
+			    WEXITSTATUS(status));
+}
+
+/* A client over a bound: closed at once, counted, summarised later. */
+static void
+shed(int fd, unsigned long *counter, int64_t now)
+{
+	const struct linger lg = { 1, 0 };
+
+	(void)setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	close(fd);
+	(*counter)++;
+	if (over.log_at == 0)
+		over.log_at = now + SUMMARY_US;
 }
 
 static void
+over_summary(int64_t now, int force)
+{
+	if (over.log_at == 0 || (!force && now < over.log_at))
+		return;
+	logmsg(LOG_WARNING, "over the bounds in the last %lld s: %lu closed "
+	    "at once (%lu over --max-conn %zu, %lu over --max-per-source %u, "
+	    "%lu short of descriptors)", (long long)(SUMMARY_US / SEC),
+	    over.total + over.source + over.fds, over.total, max_conn,
+	    over.source, max_per_source, over.fds);
+	over.total = over.source = over.fds = 0;
+	over.log_at = 0;
+}
+
+/*
+ * Out of descriptors: give up the reserve, take the client that is first
+ * in the queue and close it, take the reserve back (1; 0: the queue was
+ * empty; -1: no reserve to give).  The queue keeps
+ * moving (nothing spins on EMFILE, nothing waits behind it) and those who
+ * came too many are told at once.
+ */
+static int
+shed_one(int64_t now)
+{
+	int fd, e;
+
+	while (nspares > 0) {		/* spare pipes are a luxury now */
+		nspares--;
+		close(spares[nspares].p[0]);
+		close(spares[nspares].p[1]);
+	}
+	if (reserve_fd == -1)
+		return -1;
+	close(reserve_fd);
+	fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	e = errno;
+	if (fd != -1)
+		shed(fd, &over.fds, now);
+	reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (fd != -1)
+		return 1;
+	errno = e;
+	return e == EAGAIN || e == EWOULDBLOCK ? 0 : -1;
+}
+
+static int
 accept_some(int64_t now)
 {
 	struct sockaddr_storage ss;
+	struct source *src;
 	socklen_t sl;
 	struct conn *c;
 	int fd, i;
@@ -1462,33 +1650,48 @@ accept_some(int64_t now)
 		    SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd == -1) {
 			if (errno == EAGAIN || errno == EWOULDBLOCK)
-				return;
+				return 0;
+			if (errno == EMFILE || errno == ENFILE) {
+				int r = shed_one(now);
+
+				if (r > 0)
+					continue;
+				if (r == 0)
+					return 0;
+			}
 			if (errno == EMFILE || errno == ENFILE ||
 			    errno == ENOBUFS || errno == ENOMEM) {
 				logmsg(LOG_ERR, "accept: %s: pausing",
 				    strerror(errno));
-				/* Spare pipes are a luxury now. */
-				while (nspares > 0) {
-					nspares--;
-					close(spares[nspares].p[0]);
-					close(spares[nspares].p[1]);
-				}
 				epoll_ctl(ep, EPOLL_CTL_DEL, lfd, NULL);
 				listen_paused = 1;
 				resume_at = now + SEC / 10;
-				return;
+				return 0;
 			}
 			if (errno == EINTR || errno == ECONNABORTED ||
 			    errno == EPROTO || errno == EPERM)
 				continue;
 			logmsg(LOG_ERR, "accept: %s", strerror(errno));
-			return;
+			return 0;
+		}
+		if (nconn >= max_conn) {
+			shed(fd, &over.total, now);
+			continue;
+		}
+		src = NULL;
+		if (max_per_source && !accept_proxy &&
+		    source_get((struct sockaddr *)&ss, max_per_source,
+		    &src) == -1) {
+			shed(fd, &over.source, now);
+			continue;
 		}
 		if ((c = conn_new(fd, now)) == NULL) {
 			logmsg(LOG_ERR, "out of memory");
+			source_put(src);
 			close(fd);
 			continue;
 		}
+		c->src = src;
 		memcpy(&c->peer, &ss, sl < sizeof(ss) ? sl : sizeof(ss));
 		c->peerlen = sl;
 		c->nonblock = 1;
@@ -1497,6 +1700,195 @@ accept_some(int64_t now)
 			continue;
 		}
 		c->registered = 1;
+	}
+	return 1;
+}
+
+/*
+ * Stop: take what is already queued (those clients connected before the
+ * stop), then let go of the listening socket.  With systemd the socket
+ * stays open in PID 1, so what arrives later waits for the next start.
+ */
+static void
+stop_accepting(int64_t now)
+{
+	int batches = 0;
+
+	if (lfd == -1)
+		return;
+	while (!listen_paused && accept_some(now) && ++batches < 1024)
+		;
+	(void)epoll_ctl(ep, EPOLL_CTL_DEL, lfd, NULL);
+	close(lfd);
+	lfd = -1;
+	listen_paused = 0;
+	logmsg(LOG_INFO, "stopping: %zu connections to finish, for up to "
+	    "%lld s (--drain)", nconn, (long long)(drain / SEC));
+}
+
+/* Close this process's copies of every connection, without a word. */
+static void
+forget_connections(void)
+{
+	struct queue *qs[] = { &q_hello, &q_connect, &q_retry, &q_relay };
+	struct conn *c;
+	size_t i;
+
+	for (i = 0; i < sizeof(qs) / sizeof(qs[0]); i++)
+		while ((c = qs[i]->head) != NULL) {
+			q_remove(c);
+			source_put(c->src);
+			if (c->cfd != -1)
+				close(c->cfd);
+			if (c->bfd != -1)
+				close(c->bfd);
+			if (c->up.p[0] != -1) {
+				close(c->up.p[0]);
+				close(c->up.p[1]);
+			}
+			if (c->dn.p[0] != -1) {
+				close(c->dn.p[0]);
+				close(c->dn.p[1]);
+			}
+			free(c);
+		}
+	while ((c = dead) != NULL) {
+		dead = c->next;
+		free(c);
+	}
+	while (nspares > 0) {
+		nspares--;
+		close(spares[nspares].p[0]);
+		close(spares[nspares].p[1]);
+	}
+	again = NULL;
+	nconn = 0;
+}
+
+/*
+ * The options of `alpnd --reload PID OPTIONS...` (the sender of the
+ * SIGHUP), read from its /proc/PID/cmdline, with our own argv[0]; NULL
+ * when the sender is something else (kill -HUP: keep our options).
+ */
+static char **
+reload_argv(pid_t pid, char **bufp)
+{
+	char path[64], *buf, **v, *p, me[24];
+	size_t n = 0, cap = 65536, i, argc = 0;
+	ssize_t r;
+	int fd;
+
+	*bufp = NULL;
+	snprintf(path, sizeof(path), "/proc/%ld/cmdline", (long)pid);
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) == -1)
+		return NULL;
+	if ((buf = malloc(cap + 1)) == NULL) {
+		close(fd);
+		return NULL;
+	}
+	while (n < cap && (r = read(fd, buf + n, cap - n)) > 0)
+		n += r;
+	close(fd);
+	buf[n] = '\0';
+	for (i = 0; i < n; i++)
+		argc += buf[i] == '\0';
+	snprintf(me, sizeof(me), "%ld", (long)mypid);
+	p = buf + strlen(buf) + 1;		/* argv[1] */
+	if (n == cap || argc < 3 || strcmp(p, "--reload") != 0 ||
+	    strcmp(p + 9, me) != 0 || (v = calloc(argc, sizeof(*v))) == NULL) {
+		free(buf);
+		return NULL;
+	}
+	v[0] = self_argv[0];
+	p += 9 + strlen(me) + 1;		/* argv[3] */
+	for (i = 1; i + 2 < argc; i++, p += strlen(p) + 1)
+		v[i] = p;
+	*bufp = buf;
+	return v;
+}
+
+/*
+ * Reload (SIGHUP): a child keeps every connection this process holds and
+ * finishes them; this process, same PID (systemd's main PID), executes
+ * the binary at its path again (a new one after an upgrade) with the
+ * listening socket, which never closes: nothing is refused or cut.
+ */
+static void
+reload(const struct signalfd_siginfo *si)
+{
+	char **argv = NULL, *buf = NULL;
+	pid_t pid;
+	int e;
+
+	if (si->ssi_uid == getuid() || si->ssi_uid == 0)
+		argv = reload_argv((pid_t)si->ssi_pid, &buf);
+	if ((pid = fork()) == -1) {
+		logmsg(LOG_ERR, "reload: fork: %s", strerror(errno));
+		goto out;
+	}
+	if (pid == 0) {
+		mypid = getpid();
+		run_state = REPLACED;
+		(void)epoll_ctl(ep, EPOLL_CTL_DEL, lfd, NULL);
+		close(lfd);
+		lfd = -1;
+		listen_paused = 0;
+		goto out;
+	}
+	if (argv)			/* the reloader waits for this */
+		(void)kill((pid_t)si->ssi_pid, SIGUSR1);
+	logmsg(LOG_INFO, "reload: %zu connections stay with pid %ld; "
+	    "executing %s", nconn, (long)pid, self_path);
+	forget_connections();
+	close(ep);
+	ep = -1;
+	(void)fcntl(lfd, F_SETFD, 0);
+	if (lfd == 3) {
+		char v[24];
+
+		snprintf(v, sizeof(v), "%ld", (long)mypid);
+		(void)setenv("LISTEN_PID", v, 1);
+		(void)setenv("LISTEN_FDS", "1", 1);
+	}
+	execv(self_path, argv ? argv : self_argv);
+	e = errno;
+	(void)fcntl(lfd, F_SETFD, FD_CLOEXEC);
+	if (ep_add(sfd, &signal_tag, EPOLLIN) == -1 ||
+	    ep_add(lfd, &listener_tag, EPOLLIN) == -1)
+		die(EX_OSERR, "reload: epoll: %s", strerror(errno));
+	logmsg(LOG_ERR, "reload: exec %s: %s: going on as before", self_path,
+	    strerror(e));
+out:
+	free(argv);
+	free(buf);
+}
+
+/*
+ * alpnd --reload PID OPTIONS...: the options are valid (we got here), so
+ * ask PID to take them (SIGHUP; it reads them from our command line) and
+ * wait for its answer.
+ */
+static int
+reload_client(pid_t pid)
+{
+	struct timespec ts = { 10, 0 };
+	siginfo_t si;
+	sigset_t set;
+	int r;
+
+	sigemptyset(&set);
+	sigaddset(&set, SIGUSR1);
+	sigprocmask(SIG_BLOCK, &set, NULL);
+	if (kill(pid, SIGHUP) == -1)
+		die(EX_UNAVAILABLE, "--reload %ld: %s", (long)pid,
+		    strerror(errno));
+	for (;;) {
+		r = sigtimedwait(&set, &si, &ts);
+		if (r == SIGUSR1 && si.si_pid == pid)
+			return EX_OK;
+		if (r == -1 && errno == EAGAIN)
+			die(EX_TEMPFAIL, "--reload %ld: no answer in 10 s",
+			    (long)pid);
 	}
 }
 
@@ -1511,7 +1903,7 @@ dispatch(void *tag, uint32_t events, int64_t now)
 		return;
 	}
 	if (tag == &signal_tag) {
-		reap();
+		on_signal(now);
 		return;
 	}
 	backend = ((uintptr_t)tag & 1) != 0;
@@ -1550,9 +1942,11 @@ loop(void)
 			return;
 		now = now_us();
 		d = again ? now : next_deadline();
-		if (listening && exit_idle >= 0 && nconn == 0 && nchild == 0 &&
+		if (run_state == RUNNING && exit_idle >= 0 && nconn == 0 &&
 		    idle_since + exit_idle < d)
 			d = idle_since + exit_idle;
+		if (run_state == STOPPING && drain_at < d)
+			d = drain_at;
 		if (d == INT64_MAX)
 			timeout = -1;
 		else if (d <= now)
@@ -1577,15 +1971,27 @@ loop(void)
 		}
 		if (!listening)
 			continue;
+		over_summary(now, 0);
 		if (listen_paused && now >= resume_at) {
 			if (ep_add(lfd, &listener_tag, EPOLLIN) == 0)
 				listen_paused = 0;
 			else
 				resume_at = now + SEC / 10;
 		}
-		if (nconn > 0 || nchild > 0)
+		if (run_state != RUNNING) {
+			if (nconn == 0 && !children())
+				return;
+			if (run_state == STOPPING && now >= drain_at) {
+				logmsg(LOG_WARNING, "stopping: %zu connections "
+				    "cut after the drain (--drain %lld s)", nconn,
+				    (long long)(drain / SEC));
+				return;
+			}
+		} else if (nconn > 0 || (exit_idle >= 0 && children()))
 			idle_since = now;
-		else if (exit_idle >= 0 && now - idle_since >= exit_idle) {
+		else if (exit_idle >= 0 && now - idle_since >= exit_idle &&
+		    !accept_some(now) && nconn == 0) {
+			/* (a last look: a client that came just now is served) */
 			logmsg(LOG_DEBUG, "idle for %lld ms: exiting",
 			    (long long)(exit_idle / 1000));
 			return;
@@ -1670,10 +2076,15 @@ main(int argc, char *argv[])
 		{ "acme",		required_argument,	NULL, 'a' },
 		{ "accept-proxy",	no_argument,		NULL, 'p' },
 		{ "send-proxy",		required_argument,	NULL, 'P' },
+		{ "acme-send-proxy",	required_argument,	NULL, 'A' },
 		{ "hello-timeout",	required_argument,	NULL, 't' },
 		{ "idle-timeout",	required_argument,	NULL, 'i' },
 		{ "respond",		required_argument,	NULL, 'r' },
 		{ "exit-idle",		required_argument,	NULL, 'x' },
+		{ "drain",		required_argument,	NULL, 'D' },
+		{ "max-conn",		required_argument,	NULL, 'm' },
+		{ "max-per-source",	required_argument,	NULL, 's' },
+		{ "reload",		required_argument,	NULL, 'R' },
 		{ "verbose",		no_argument,		NULL, 'v' },
 		{ "quiet",		no_argument,		NULL, 'q' },
 		{ "version",		no_argument,		NULL, 'V' },
@@ -1682,10 +2093,15 @@ main(int argc, char *argv[])
 	};
 	const char *fb = NULL, *ac = NULL, *env;
 	struct conn *c;
+	ssize_t n;
 	socklen_t sl;
 	int ch, fd = STDIN_FILENO, acc = 0;
 
-	while ((ch = getopt_long(argc, argv, "f:d:a:pP:t:i:r:x:vqVh", longopts,
+	/* getopt_long(3) permutes argv: keep it as given, for a reload */
+	if ((self_argv = calloc(argc + 1, sizeof(*self_argv))) == NULL)
+		die(EX_OSERR, "out of memory");
+	memcpy(self_argv, argv, argc * sizeof(*argv));
+	while ((ch = getopt_long(argc, argv, "f:d:a:pP:A:t:i:r:x:D:m:s:R:vqVh", longopts,
 	    NULL)) != -1) {
 		switch (ch) {
 		case 'f':
@@ -1701,14 +2117,11 @@ main(int argc, char *argv[])
 			accept_proxy = 1;
 			break;
 		case 'P':
-			if (strcmp(optarg, "v1") == 0 || strcmp(optarg, "1") == 0)
-				send_proxy = 1;
-			else if (strcmp(optarg, "v2") == 0 ||
-			    strcmp(optarg, "2") == 0)
-				send_proxy = 2;
-			else
-				die(EX_USAGE, "--send-proxy %s: expected v1 or v2",
-				    optarg);
+			send_proxy = proxy_version(optarg, "--send-proxy");
+			break;
+		case 'A':
+			acme_send_proxy = proxy_version(optarg,
+			    "--acme-send-proxy");
 			break;
 		case 't':
 			hello_timeout = parse_secs(optarg, "--hello-timeout", 0);
@@ -1726,6 +2139,28 @@ main(int argc, char *argv[])
 		case 'x':
 			exit_idle = parse_secs(optarg, "--exit-idle", 1);
 			break;
+		case 'D':
+			drain = parse_secs(optarg, "--drain", 1);
+			break;
+		case 'm':
+			max_conn = parse_count(optarg, "--max-conn", 1);
+			break;
+		case 's':
+			max_per_source = parse_count(optarg, "--max-per-source", 0);
+			break;
+		case 'R': {
+			char *end;
+			long v;
+
+			errno = 0;
+			v = strtol(optarg, &end, 10);
+			if (*optarg == '\0' || *end != '\0' || errno || v <= 1 ||
+			    v > INT32_MAX)
+				die(EX_USAGE, "--reload %s: expected a process ID",
+				    optarg);
+			reload_pid = (pid_t)v;
+			break;
+		}
 		case 'v':
 			verbose = 1;
 			break;
@@ -1753,11 +2188,17 @@ main(int argc, char *argv[])
 		fprintf(stderr, "alpnd: give one of --certs and --acme\n");
 		usage(EX_USAGE);
 	}
+	if (acme_send_proxy && ac == NULL) {
+		fprintf(stderr, "alpnd: --acme-send-proxy needs --acme\n");
+		usage(EX_USAGE);
+	}
 	parse_addr(&fallback, fb);
 	if (ac) {
 		parse_addr(&acme, ac);
 		have_acme = 1;
 	}
+	if (reload_pid)
+		return reload_client(reload_pid);
 
 	/*
 	 * A relay writes to sockets that may be gone, and a log line may go
@@ -1787,6 +2228,7 @@ main(int argc, char *argv[])
 	}
 	q_hello.timeout = hello_timeout;
 	q_connect.timeout = hello_timeout;
+	q_retry.timeout = RETRY_US;
 	q_relay.timeout = idle_timeout;
 
 	log_setup(fd);
@@ -1802,6 +2244,16 @@ main(int argc, char *argv[])
 			rl.rlim_cur = rl.rlim_max;
 			(void)setrlimit(RLIMIT_NOFILE, &rl);
 		}
+		/*
+		 * A relay holds six descriptors (two sockets, two pipes);
+		 * keep 64 for the rest.  Beyond that, the reserve sheds.
+		 */
+		if (max_conn == 0 && getrlimit(RLIMIT_NOFILE, &rl) == 0)
+			max_conn = rl.rlim_cur == RLIM_INFINITY ||
+			    rl.rlim_cur > 6000000 ? 1000000 :
+			    rl.rlim_cur > 64 + 6 * 16 ? (rl.rlim_cur - 64) / 6 : 16;
+		sources_init();
+		reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 		(void)fcntl(lfd, F_SETFD, FD_CLOEXEC);
 		/*
 		 * accept_some() loops until EAGAIN; systemd (without
@@ -1817,7 +2269,15 @@ main(int argc, char *argv[])
 		signal(SIGCHLD, SIG_DFL);
 		sigemptyset(&set);
 		sigaddset(&set, SIGCHLD);
+		sigaddset(&set, SIGTERM);
+		sigaddset(&set, SIGINT);
+		sigaddset(&set, SIGHUP);
 		sigprocmask(SIG_BLOCK, &set, NULL);
+		n = readlink("/proc/self/exe", self_path, sizeof(self_path) - 1);
+		if (n > 0 && (size_t)n < sizeof(self_path) - 1)
+			self_path[n] = '\0';
+		else if (strchr(argv[0], '/') != NULL)
+			snprintf(self_path, sizeof(self_path), "%s", argv[0]);
 		if ((sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC)) == -1)
 			die(EX_OSERR, "signalfd: %s", strerror(errno));
 		if (ep_add(sfd, &signal_tag, EPOLLIN) == -1 ||
@@ -1825,6 +2285,7 @@ main(int argc, char *argv[])
 			die(EX_OSERR, "epoll_ctl: %s", strerror(errno));
 		logmsg(LOG_DEBUG, "listening-socket mode on fd %d", lfd);
 		loop();
+		over_summary(now_us(), 1);
 		return EX_OK;
 	}
 
