@@ -496,6 +496,8 @@ def test_unit_contract():
     # the redirect goes first when the window closes: the closer is
     # started with the socket, stopped with it, and ordered after the
     # service (so it stops before alpnd is told to stop)
+    assert unit_values(UNITS / "alpnd-redirect.service", "ExecStopPost") == \
+        ["+@SBINDIR@/alpnd-redirect done"]
     close = UNITS / "alpnd-redirect-close.service"
     assert unit_values(close, "ExecStop") == \
         ["@SBINDIR@/alpnd-redirect close %s" % side]
@@ -670,6 +672,13 @@ def run_close_command(net, sbin):
     run(net.cmd(net.srv, redirect_close_command(sbin)))
 
 
+def redirect_done_command(sbin):
+    """alpnd-redirect.service's ExecStopPost=, run after alpnd exits."""
+    v = unit_values(REDIRECT_SERVICE, "ExecStopPost")
+    assert len(v) == 1 and v[0].startswith("+"), v
+    return expand_exec(subst(v[0], sbin), {})
+
+
 class Netns:
     """Two network namespaces joined by a veth pair, names unique per run:
     the server 10.203.0.1 / fd00:a1::1, the client 10.203.0.2 / fd00:a1::2."""
@@ -742,10 +751,15 @@ def test_redirect_idempotent(tmp_path, netns):
     assert netns.sh(netns.srv, "nft list ruleset").stdout.strip() == ""
     r = netns.sh(netns.srv, "%s/alpnd-redirect status" % sbin, check=False)
     assert r.returncode == 1
-    # alpnd-redirect-close.service's ExecStop= removes the table (twice:
-    # harmless), without waiting when nothing is half-open
+    # alpnd-redirect.service's ExecStopPost= ("done") leaves an open
+    # window alone; alpnd-redirect-close.service's ExecStop= removes the
+    # table when no redirected connection is left (twice: harmless),
+    # without waiting when nothing is half-open
     for cmd in start:
         netns.sh(netns.srv, shlex.join(cmd))
+    done = redirect_done_command(sbin)
+    netns.sh(netns.srv, shlex.join(done))
+    assert "redirect to :" in netns.sh(netns.srv, "nft list ruleset").stdout
     for _ in range(2):
         t0 = time.monotonic()
         run_close_command(netns, sbin)
@@ -764,7 +778,7 @@ def test_redirect_idempotent(tmp_path, netns):
                     ([ar, "add", "65536"], {}), ([ar, "add", "x"], {}),
                     ([ar, "add"], {}), ([ar, "frob"], {}),
                     ([ar, "close"], {}), ([ar, "close", "x"], {}),
-                    ([ar, "del", "4443"], {}),
+                    ([ar, "del", "4443"], {}), ([ar, "done", "1"], {}),
                     ([ar, "close", "4443"], {"ALPND_REDIRECT_SETTLE": "1s"}),
                     ([ar, "del"], {"ALPND_REDIRECT_TABLE": "a;flush ruleset"}),
                     ([ar, "del"], {"ALPND_REDIRECT_DPORT": "http"})):
@@ -934,12 +948,27 @@ def test_renewal_window(tmp_path, netns, procs):
     assert held_get() == "nginx 10.203.0.2"
     # The side port itself is closed to the network.
     assert ask("tcp", port=side) == "refused"
+    # A connection through the window, relayed by alpnd.
+    held2 = procs.start(net.cmd(cli, [PY, client, "persist", "10.203.0.1",
+                                      443, CHALLENGE]),
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        text=True)
+    assert _held_get(held2) == "nginx 127.0.0.1"
 
-    # The window closes as systemd closes it: the redirect goes first.
+    # The window closes as systemd closes it: the redirect goes first; new
+    # connections reach nginx directly, the one through alpnd goes on
+    # (its translation needs the table's nat chain until it ends).
     run_close_command(net, sbin)
-    assert "alpnd_redirect" not in nft_tables(net)
+    assert "redirect to :" not in net.sh(srv, "nft list ruleset").stdout
+    assert ask("get") == "nginx 10.203.0.2"
+    assert _held_get(held2) == "nginx 127.0.0.1"
+    assert "alpnd_redirect" in nft_tables(net)
+    held2.stdin.close()
+    held2.wait(10)
     procs.stop(sa)
     assert sa.returncode == 0
+    net.sh(srv, shlex.join(redirect_done_command(sbin)))
+    assert "alpnd_redirect" not in nft_tables(net)
     for cmd in redirect_commands(sbin, "ExecStopPost"):
         net.sh(srv, shlex.join(cmd))
     log.close()
@@ -995,7 +1024,9 @@ def test_renewal_window_behind_a_firewall(tmp_path, netns, procs):
     assert ask("get") == "nginx 127.0.0.1"
     assert ask("tcp", port=side) != "open"  # still closed to the network
     run_close_command(net, sbin)
-    for cmd in redirect_commands(sbin, "ExecStopPost"):
+    procs.stop(sa)
+    for cmd in [redirect_done_command(sbin)] + \
+            redirect_commands(sbin, "ExecStopPost"):
         net.sh(srv, shlex.join(cmd))
     assert ask("get") == "nginx 10.203.0.2"
     assert "alpnd_redirect" not in nft_tables(net)
@@ -1402,6 +1433,7 @@ stop)
 		done
 		rm -f %(pid)s
 	fi
+	ns %(done)s
 %(stoppost)s
 	;;
 *)	exit 1 ;;
@@ -1481,6 +1513,7 @@ def test_dehydrated_renewal_window(tmp_path, netns, procs):
         log=tmp_path / "alpnd.log",
         startpost=q(redirect_commands(sbin, "ExecStartPost")),
         execstop=shlex.join(redirect_close_command(sbin)),
+        done=shlex.join(redirect_done_command(sbin)),
         stoppost=q(redirect_commands(sbin, "ExecStopPost"))))
     st.chmod(0o755)
 
@@ -2179,7 +2212,7 @@ def _reload(m, unit):
 def _scratch_build(tmp, version):
     """The project's files in a scratch directory, alpnd rebuilt there
     with another VERSION (alpnd-respond copied, not rebuilt)."""
-    src = tmp / "src-%s" % version
+    src = tmp / ("src-%s" % version)
     src.mkdir()
     for f in ROOT.iterdir():
         if f.name in (".git", "build", "tests", "alpnd"):
@@ -2293,6 +2326,11 @@ def _queue_behind_stopped(m, unit, port, n, host="10.205.0.2"):
     return main, clients
 
 
+def _redirecting(m):
+    """Is the renewal window's redirect rule in place?"""
+    return "redirect to :" in m.sh("nft list ruleset").stdout
+
+
 def _answers(clients):
     out = []
     for c in clients:
@@ -2371,7 +2409,7 @@ def test_systemd_window_close(machine):
     stop = m.procs.start(["nsenter", "-t", str(m.ct.pid), "-a",
                           "systemctl", "stop", "alpnd-redirect.socket"])
     end = time.monotonic() + 15
-    while "alpnd_redirect" in m.sh("nft list tables").stdout:
+    while _redirecting(m):
         assert time.monotonic() < end, m.journal("alpnd-redirect.service")
         time.sleep(0.05)
     # the window is closed for new connections: nginx answers them itself
@@ -2417,7 +2455,7 @@ def test_systemd_window_time_limit(machine):
     held = m.held()
     assert _held_get(held) == "nginx direct 127.0.0.1"
     end = time.monotonic() + 30
-    while "alpnd_redirect" in m.sh("nft list tables").stdout:
+    while _redirecting(m):
         assert time.monotonic() < end, m.journal(
             "alpnd-redirect-limit.timer", "alpnd-redirect-limit.service")
         time.sleep(0.1)
