@@ -1985,6 +1985,7 @@ def _check_credentials(m, status):
     assert f["NoNewPrivs"] == "1" and f["Seccomp"] == "2", status
 
 
+@pytest.mark.timeout(900)  # the machine's boot, then three ACME clients
 def test_units_under_systemd(machine, tmp_path, procs):
     """The installed units in a real systemd (systemd-nspawn): the default
     permanent mode (alpnd.socket, listening socket, nginx on 127.0.0.1:8443
