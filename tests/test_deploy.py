@@ -2413,6 +2413,13 @@ def test_systemd_window_close(machine):
     assert m.ask() == "nginx direct 127.0.0.1"
     held = m.held()
     assert _held_get(held) == "nginx direct 127.0.0.1"
+    # the window's alpnd reloads like alpnd.service
+    main = m.main_pid("alpnd-redirect.service")
+    rc, out = _reload(m, "alpnd-redirect.service")
+    assert rc == 0, out
+    assert m.main_pid("alpnd-redirect.service") == main
+    assert _held_get(held) == "nginx direct 127.0.0.1"
+    assert m.ask() == "nginx direct 127.0.0.1"
     main, queued = _queue_behind_stopped(m, "alpnd-redirect.service", 4443,
                                          5)
     stop = m.procs.start(["nsenter", "-t", str(m.ct.pid), "-a",
