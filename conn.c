@@ -124,7 +124,8 @@ finish(struct conn *c, int code, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(c->result, sizeof(c->result), fmt, ap);
 	va_end(ap);
-	log_conn(c, now);
+	if (!c->quiet)
+		log_conn(c, now);
 	q_remove(c);
 	relay_unqueue(c);
 	if (!listening) {
@@ -157,6 +158,18 @@ finish(struct conn *c, int code, const char *fmt, ...)
 	c->state = S_DEAD;
 	c->next = dead;
 	dead = c;
+}
+
+/*
+ * A connection that ended before its ClientHello: in listening mode its
+ * line is subject to log_budget(), so a flood costs a summary, not a line
+ * per connection.
+ */
+static void
+finish_early(struct conn *c, int code, const char *why)
+{
+	c->quiet = listening && !log_budget(now_us());
+	finish(c, code, "%s", why);
 }
 
 struct conn *
@@ -319,11 +332,11 @@ hello_step(struct conn *c, uint32_t ev)
 	if (n == -1) {
 		if (errno == EAGAIN || errno == EWOULDBLOCK) {
 			if (hup)
-				finish(c, EX_OK, "closed before any data");
+				finish_early(c, EX_OK, "closed before any data");
 			return;
 		}
 		if (errno == ECONNRESET)
-			finish(c, EX_OK, "reset before any data");
+			finish_early(c, EX_OK, "reset before any data");
 		else
 			finish(c, EX_IOERR, "recv: %s", strerror(errno));
 		return;
@@ -332,7 +345,7 @@ hello_step(struct conn *c, uint32_t ev)
 		if (opt->accept_proxy && c->state == S_HELLO)
 			finish(c, EX_DATAERR, "closed after the PROXY header");
 		else
-			finish(c, EX_OK, "closed before any data");
+			finish_early(c, EX_OK, "closed before any data");
 		return;
 	}
 	len = n;
@@ -473,9 +486,11 @@ expire(int64_t now)
 
 	while ((c = q_hello.head) && c->deadline <= now) {
 		if (c->state == S_PROXY)
-			finish(c, EX_TEMPFAIL, "timeout waiting for the PROXY header");
+			finish_early(c, EX_TEMPFAIL,
+			    "timeout waiting for the PROXY header");
 		else
-			finish(c, EX_TEMPFAIL, "timeout waiting for the ClientHello");
+			finish_early(c, EX_TEMPFAIL,
+			    "timeout waiting for the ClientHello");
 	}
 	while ((c = q_connect.head) && c->deadline <= now)
 		connect_failed(c, ETIMEDOUT);

@@ -125,7 +125,7 @@ struct conn {
 	int		 nonblock;	/* O_NONBLOCK set on cfd by us */
 	int		 registered;	/* cfd is in the epoll set */
 	int		 bregistered;	/* bfd is in the epoll set */
-	int64_t		 t0, deadline, active;
+	int64_t		 t0, deadline;
 	struct addr	*dst;
 	size_t		 ai;		/* address of dst being tried */
 	int64_t		 connect_by;	/* a busy backend is retried until then */
@@ -136,6 +136,8 @@ struct conn {
 	struct source	*src;		/* its client address, --max-per-source */
 	struct alpn_proxy px;
 	int		 have_px;	/* px holds a TCP4/TCP6 client */
+	int		 quiet;		/* no line of its own (log_budget) */
+	/* from here on not zeroed by conn_new() */
 	char		 sni[256];
 	char		 alpn[128];
 	int		 code;
@@ -198,6 +200,7 @@ int	accept_some(int64_t);
 void	on_signal(int64_t);
 int64_t	listen_deadline(int64_t, int64_t);
 int	listen_tick(int64_t, int64_t *);
+int	log_budget(int64_t);
 void	listen_end(void);
 int	reload_client(pid_t);
 
