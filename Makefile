@@ -148,7 +148,7 @@ install: all
 	    $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(SYSCONFDIR)/default
 	install -m 0755 alpnd alpnd-respond $(DESTDIR)$(SBINDIR)/
 	install -m 0644 alpnd.8 alpnd-respond.8 $(DESTDIR)$(MANDIR)/man8/
-	for u in units/*.socket units/*.service; do \
+	for u in units/*.socket units/*.service units/*.timer; do \
 		$(SUBST) $$u > $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#units/} || exit 1; \
 		chmod 0644 $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#units/}; \
 	done
@@ -167,7 +167,7 @@ install: all
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/alpnd $(DESTDIR)$(SBINDIR)/alpnd-respond $(DESTDIR)$(SBINDIR)/alpnd-redirect
 	rm -f $(DESTDIR)$(MANDIR)/man8/alpnd.8 $(DESTDIR)$(MANDIR)/man8/alpnd-respond.8
-	for u in units/*.socket units/*.service; do rm -f $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#units/}; done
+	for u in units/*.socket units/*.service units/*.timer; do rm -f $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#units/}; done
 	for f in $(EXAMPLES); do rm -f $(DESTDIR)$(DOCDIR)/examples/$$f; done
 	rm -f $(DESTDIR)$(DOCDIR)/README.md
 	rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null || true
