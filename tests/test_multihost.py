@@ -383,7 +383,7 @@ def test_several_hosts(tmp_path, lan, procs):
 
 def test_side_units(tmp_path):
     """contrib's units for the issuing host's side port: systemd-analyze
-    verify passes, and the service is alpnd-listen.service but for its
+    verify passes, and the service is alpnd.service but for its
     options (so a hardening change there is not forgotten here)."""
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze missing (tests/deps check)")
@@ -404,9 +404,9 @@ def test_side_units(tmp_path):
     def service(path):
         return [(k, v) for sec, k, v in unit_entries(path)
                 if sec == "Service" and k not in ("Environment",
-                                                  "ExecStart")]
+                                                  "ExecStart", "ExecReload")]
     assert service(CONTRIB / "alpnd-side.service") == \
-        service(UNITS / "alpnd-listen.service")
+        service(UNITS / "alpnd.service")
     side = dict((k, v) for sec, k, v in
                 unit_entries(CONTRIB / "alpnd-side.service")
                 if k == "ExecStart")
@@ -440,17 +440,17 @@ cp $ex/alpnd-side.service /etc/systemd/system/
 sed 's/2001:db8::11/fd00:a3::2/' $ex/alpnd-side.nft > /root/side.nft
 nft -f /root/side.nft
 systemctl daemon-reload
-systemctl start alpnd-listen.socket alpnd-side.socket
+systemctl start alpnd.socket alpnd-side.socket
 """
 
 CT_DROPIN = r"""
 set -e
-d=/etc/systemd/system/alpnd-listen.service.d
+d=/etc/systemd/system/alpnd.service.d
 mkdir -p $d
 sed 's/2001:db8::1 192.0.2.1/fd00:a3::2/' \
     /usr/local/share/doc/alpnd/examples/alpnd-edge.conf > $d/edge.conf
 systemctl daemon-reload
-systemctl stop alpnd-listen.service
+systemctl stop alpnd.service
 """
 
 TCP_OPEN = """
