@@ -100,7 +100,7 @@ build/fuzz_proxy: tests/fuzz_proxy.c alpnparse.c alpnparse.h
 	$(CLANG) -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined -o $@ tests/fuzz_proxy.c alpnparse.c
 
 deps:
-	@tests/deps build check
+	@tests/deps build check deb
 
 asan: build/asan/alpnd build/asan/alpnd-respond build/asan/parse_test
 

@@ -37,7 +37,8 @@ def copy_tree(dest):
     `make deb` copies it)."""
     dest.mkdir()
     tar = subprocess.Popen(["tar", "-c", "--exclude=./build", "--exclude=./.git",
-                            "--exclude=./*.deb", "."], cwd=ROOT,
+                            "--exclude=./*.deb", "--exclude=./alpnd",
+                            "--exclude=./alpnd-respond", "."], cwd=ROOT,
                            stdout=subprocess.PIPE)
     run(["tar", "-x", "-C", dest], stdin=tar.stdout, timeout=60)
     assert tar.wait(60) == 0
@@ -99,6 +100,7 @@ def test_package(tmp_path, procs):
     ct = Container(tmp_path, procs, None, dpkg=True)
     try:
         _package_in_machine(ct, tmp_path, procs, debs, deb1, v1, deb2, v2)
+        _make_install_in_machine(ct, src)
     finally:
         ct.close()
 
@@ -160,7 +162,16 @@ def _package_in_machine(ct, tmp_path, procs, debs, deb1, v1, deb2, v2):
         assert "/etc/default/alpnd " in out(
             "dpkg-query -W -f '${Conffiles}' alpnd")
 
+    def usr_changes():
+        return sorted(str(p.relative_to(upper)) for p in upper.rglob("*")
+                      if not p.is_dir())
+
+    # A policy-rc.d that forbids every service action (Docker images ship
+    # one) would keep the maintainer scripts from reloading and stopping
+    # anything; a server has none.  Removed in the machine only.
+    sh("rm -f /usr/sbin/policy-rc.d")
     etc_before = etc_files()
+    usr_before = usr_changes()
 
     # -- install: nothing enabled, nothing started, port 443 left alone
     apt("install ./" + deb1)
@@ -239,9 +250,7 @@ systemctl enable --now alpnd.socket
     assert etc_before - etc_files() == set()
     assert out("grep -rl alpnd /var/lib/systemd/deb-systemd-helper-* "
                "2>/dev/null || true") == ""
-    files = sorted(str(p.relative_to(upper)) for p in upper.rglob("*")
-                   if not p.is_dir())
-    assert files == [], files   # nothing of the package left in /usr
+    assert usr_changes() == usr_before   # nothing of the package in /usr
 
     # -- install again: the old certificate is served, nothing enabled
     apt("install ./" + deb2)
@@ -262,6 +271,21 @@ systemctl enable --now alpnd.socket
     left = etc_files() - etc_before - ADMIN_ETC
     assert left == set(), left
     assert etc_before - etc_files() == set()
-    files = sorted(str(p.relative_to(upper)) for p in upper.rglob("*")
-                   if not p.is_dir())
-    assert files == [], files
+    assert usr_changes() == usr_before
+
+
+def _make_install_in_machine(ct, src):
+    """`make install` without DESTDIR makes the group and the directory
+    itself (systemd-sysusers, systemd-tmpfiles --create); the package is
+    purged, the group and the directory are gone at this point."""
+    shutil.copytree(src, ct.root / "var/tmp/src", ignore=shutil.ignore_patterns(
+        "build", "*.deb"))
+    r = ct.sh("make -s -C /var/tmp/src install ALPND_LIBC=musl 2>&1",
+              check=False, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "systemd-sysusers /usr/local/lib/sysusers.d/alpnd.conf" in r.stdout
+    assert ct.sh("getent group alpnd-certs").stdout.startswith("alpnd-certs:")
+    assert ct.sh("stat -c '%A %U %G' " + CERTS).stdout.strip() == \
+        "drwxr-s--- root alpnd-certs"
+    ct.sh("make -s -C /var/tmp/src uninstall")
+    ct.sh("! test -e /usr/local/lib/sysusers.d/alpnd.conf")
