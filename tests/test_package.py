@@ -122,7 +122,8 @@ def _package_in_machine(ct, tmp_path, procs, debs, deb1, v1, deb2, v2):
         r = sh("cd /var/tmp/debs && apt-get -q -y %s" % args, check=False,
                timeout=180)
         assert r.returncode == 0, r.stdout + r.stderr
-        print("# apt-get %s\n%s%s" % (args, r.stdout, r.stderr))
+        print("# apt-get %s\n%s%s" % (args, re.sub(
+            r"^\(Reading database.*\n", "", r.stdout, flags=re.M), r.stderr))
         return r.stdout + r.stderr
 
     def ask(host, mode="get"):
