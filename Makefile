@@ -33,6 +33,7 @@ SAN		= -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-po
 FUZZ_SECONDS	?= 60
 
 PROGS		= alpnd alpnd-respond
+ALPND_SRC	= alpnd.c listen.c conn.c handoff.c relay.c loop.c addr.c log.c sources.c alpnparse.c
 # Installed into DOCDIR/examples; placeholders substituted like the units'.
 EXAMPLES	= default-alpnd dehydrated-hook haproxy-backend.cfg nginx-backend.conf \
 		  tcpserver-run uacme-hook xinetd.alpnd
@@ -64,16 +65,16 @@ ALPND_CC	= $(CC)
 ALPND_LINK	?= -static-pie
 ALPND_LINK_END	=
 endif
-alpnd: alpnd.c alpnparse.c alpnparse.h
-	$(ALPND_CC) $(ALL_CFLAGS) $(LDHARDEN) $(ALPND_LINK) $(LDFLAGS) -o $@ alpnd.c alpnparse.c $(ALPND_LINK_END)
+alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h
+	$(ALPND_CC) $(ALL_CFLAGS) $(LDHARDEN) $(ALPND_LINK) $(LDFLAGS) -o $@ $(ALPND_SRC) $(ALPND_LINK_END)
 
 alpnd-respond: respond.c alpnparse.c alpnparse.h
 	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ respond.c alpnparse.c $(TLS_LIBS)
 
 # Sanitizer builds of everything, used by `make check` and the hostile suite.
-build/asan/alpnd: alpnd.c alpnparse.c alpnparse.h
+build/asan/alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h
 	@mkdir -p build/asan
-	$(CC) $(ALL_CFLAGS) $(SAN) -o $@ alpnd.c alpnparse.c
+	$(CC) $(ALL_CFLAGS) $(SAN) -o $@ $(ALPND_SRC)
 
 build/asan/alpnd-respond: respond.c alpnparse.c alpnparse.h
 	@mkdir -p build/asan
@@ -99,17 +100,22 @@ build/fuzz_proxy: tests/fuzz_proxy.c alpnparse.c alpnparse.h
 	@mkdir -p build
 	$(CLANG) -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined -o $@ tests/fuzz_proxy.c alpnparse.c
 
+build/fuzz_proxy_build: tests/fuzz_proxy_build.c alpnparse.c alpnparse.h
+	@mkdir -p build
+	$(CLANG) -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined -o $@ tests/fuzz_proxy_build.c alpnparse.c
+
 deps:
 	@tests/deps build check deb
 
 asan: build/asan/alpnd build/asan/alpnd-respond build/asan/parse_test
 
 check: deps
-	@$(MAKE) --no-print-directory all asan build/parse_test build/parse_bench build/fuzz_hello build/fuzz_proxy
+	@$(MAKE) --no-print-directory all asan build/parse_test build/parse_bench build/fuzz_hello build/fuzz_proxy build/fuzz_proxy_build
 	@tests/run
 
-# libFuzzer over both parsers; the corpus lives under tests/corpus/.
-fuzz: build/fuzz_hello build/fuzz_proxy
+# libFuzzer over both parsers and the PROXY builder (round trip through
+# the parser); the corpus lives under tests/corpus/.
+fuzz: build/fuzz_hello build/fuzz_proxy build/fuzz_proxy_build
 	tests/fuzz-run $(FUZZ_SECONDS)
 
 bench-parse: build/parse_bench
@@ -195,9 +201,9 @@ deb:
 # valgrind memcheck over the main paths (relay, ACME exec, bad hello,
 # PROXY, deadline, listening mode): slow, so not part of `make check`.
 # memcheck needs a dynamic alpnd (it replaces malloc in libc.so).
-build/valgrind/alpnd: alpnd.c alpnparse.c alpnparse.h
+build/valgrind/alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h
 	@mkdir -p build/valgrind
-	$(CC) $(ALL_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ alpnd.c alpnparse.c
+	$(CC) $(ALL_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ $(ALPND_SRC)
 
 valgrind: all build/valgrind/alpnd
 	@tests/deps build check
