@@ -1517,11 +1517,16 @@ class Container:
         state = ""
         while time.monotonic() < end:
             assert self.nspawn.poll() is None, self.log.read_text()[-2000:]
-            if self.pid is None:
+            # nspawn's short-lived intermediate child has the machine's
+            # root too: look again once the process found is gone
+            if self.pid is None or not self._is_machine(self.pid):
                 self.pid = self._machine_pid()
             if self.pid:
-                state = self.sh("systemctl is-system-running",
-                                check=False).stdout.strip()
+                try:
+                    state = self.sh("systemctl is-system-running",
+                                    check=False).stdout.strip()
+                except AssertionError:   # gone in between
+                    state = ""
                 if state in ("running", "degraded"):
                     break
             time.sleep(0.2)
