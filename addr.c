@@ -144,31 +144,3 @@ resolve(struct addr *a)
 	a->resolved = 1;	/* cached for the life of the process */
 	return 0;
 }
-
-/* Printable form of an address, IPv4-mapped IPv6 shown as IPv4. */
-void
-fmt_addr(char *buf, size_t sz, const struct sockaddr *sa, socklen_t len)
-{
-	const struct sockaddr_in *sin = (const struct sockaddr_in *)sa;
-	const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)sa;
-	char h[INET6_ADDRSTRLEN];
-
-	if (len == 0 || sa->sa_family == AF_UNSPEC) {
-		snprintf(buf, sz, "-");
-	} else if (sa->sa_family == AF_INET) {
-		inet_ntop(AF_INET, &sin->sin_addr, h, sizeof(h));
-		snprintf(buf, sz, "%s:%u", h, ntohs(sin->sin_port));
-	} else if (sa->sa_family == AF_INET6) {
-		if (IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr)) {
-			inet_ntop(AF_INET, &sin6->sin6_addr.s6_addr[12], h,
-			    sizeof(h));
-			snprintf(buf, sz, "%s:%u", h, ntohs(sin6->sin6_port));
-		} else {
-			inet_ntop(AF_INET6, &sin6->sin6_addr, h, sizeof(h));
-			snprintf(buf, sz, "[%s]:%u", h, ntohs(sin6->sin6_port));
-		}
-	} else if (sa->sa_family == AF_UNIX) {
-		snprintf(buf, sz, "unix");
-	} else
-		snprintf(buf, sz, "af%d", sa->sa_family);
-}

@@ -111,7 +111,31 @@ parse_secs(const char *s, const char *name, int zero_ok)
 	return (int64_t)(d * SEC);
 }
 
-/* The command line into o, once; *reload_pid for --reload PID. */
+/* What the options say together; the addresses parsed. */
+static void
+check_options(const char *fb, const char *ac)
+{
+	if (fb == NULL) {
+		fprintf(stderr, "alpnd: --fallback is required\n");
+		usage(EX_USAGE);
+	}
+	if ((o.certs == NULL) == (ac == NULL)) {
+		fprintf(stderr, "alpnd: give one of --certs and --acme\n");
+		usage(EX_USAGE);
+	}
+	if (o.acme_send_proxy && ac == NULL) {
+		fprintf(stderr, "alpnd: --acme-send-proxy needs --acme\n");
+		usage(EX_USAGE);
+	}
+	parse_addr(&fallback_addr, fb);
+	if (ac)
+		parse_addr(&acme_addr, ac);
+}
+
+/*
+ * The command line into o, once; *reload_pid for --reload PID.  Longer
+ * than the rest: one case per option, beside the option table.
+ */
 static void
 parse_options(int argc, char *argv[], pid_t *reload_pid)
 {
@@ -163,10 +187,10 @@ parse_options(int argc, char *argv[], pid_t *reload_pid)
 			break;
 		case 't':
 			o.hello_timeout = parse_secs(optarg, "--hello-timeout", 0);
-			/* alpnd-respond takes 1..3600: refuse here, not per ACME connection. */
-			if (o.hello_timeout > 3600 * SEC)
-				die(EX_USAGE, "--hello-timeout %s: at most 3600 "
-				    "seconds", optarg);
+			/* alpnd-respond's limit: refused here, not per ACME connection */
+			if (o.hello_timeout > HELLO_TIMEOUT_MAX * SEC)
+				die(EX_USAGE, "--hello-timeout %s: at most %d "
+				    "seconds", optarg, HELLO_TIMEOUT_MAX);
 			break;
 		case 'i':
 			o.idle_timeout = parse_secs(optarg, "--idle-timeout", 1);
@@ -218,22 +242,7 @@ parse_options(int argc, char *argv[], pid_t *reload_pid)
 		fprintf(stderr, "alpnd: unexpected argument: %s\n", argv[optind]);
 		usage(EX_USAGE);
 	}
-	if (fb == NULL) {
-		fprintf(stderr, "alpnd: --fallback is required\n");
-		usage(EX_USAGE);
-	}
-	if ((o.certs == NULL) == (ac == NULL)) {
-		fprintf(stderr, "alpnd: give one of --certs and --acme\n");
-		usage(EX_USAGE);
-	}
-	if (o.acme_send_proxy && ac == NULL) {
-		fprintf(stderr, "alpnd: --acme-send-proxy needs --acme\n");
-		usage(EX_USAGE);
-	}
-	parse_addr(&fallback_addr, fb);
-	if (ac) {
-		parse_addr(&acme_addr, ac);
-	}
+	check_options(fb, ac);
 }
 
 /*
@@ -244,18 +253,11 @@ parse_options(int argc, char *argv[], pid_t *reload_pid)
 static int
 connection_fd(int *listening_socket)
 {
-	const char *env, *pidenv;
 	socklen_t sl;
-	int fd = STDIN_FILENO;
+	int fd, n;
 
-	if ((env = getenv("LISTEN_FDS")) != NULL &&
-	    (pidenv = getenv("LISTEN_PID")) != NULL &&
-	    strtol(pidenv, NULL, 10) == (long)getpid()) {
-		if (strcmp(env, "1") != 0)
-			die(EX_USAGE, "LISTEN_FDS=%s: expected exactly one "
-			    "socket", env);
-		fd = 3;
-	}
+	if ((fd = inherited_fd(&n)) == -1)
+		die(EX_USAGE, "LISTEN_FDS=%d: expected exactly one socket", n);
 	sl = sizeof(*listening_socket);
 	*listening_socket = 0;
 	if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, listening_socket,

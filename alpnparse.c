@@ -292,6 +292,44 @@ parse_message(const uint8_t *body, size_t len, struct alpn_hello *h)
 }
 
 /*
+ * RFC 8446 section 5.1: one record's fragment of the handshake message.
+ * The message is the first record itself when it holds all of it (no
+ * copy), else it is gathered in h->scratch.  ALPN_OK once *have reaches
+ * the message length *mlen (*hs the message), ALPN_NEED_MORE for the next
+ * record, ALPN_BAD when it is not a ClientHello or exceeds the cap.
+ */
+static enum alpn_status
+add_fragment(struct alpn_hello *h, const struct cbs *rec, const uint8_t **hs,
+    size_t *have, size_t *mlen)
+{
+	if (*have == 0 && rec->len >= TLS_HS_HDR) {
+		*mlen = TLS_HS_HDR + ((size_t)rec->p[1] << 16 |
+		    (size_t)rec->p[2] << 8 | rec->p[3]);
+		if (rec->p[0] != TLS_HS_CLIENT_HELLO || *mlen > ALPN_HELLO_MAX)
+			return ALPN_BAD;
+		if (rec->len >= *mlen) {
+			*hs = rec->p;
+			*have = rec->len;
+			return ALPN_OK;
+		}
+	}
+	if (*have + rec->len > ALPN_HELLO_MAX)
+		return ALPN_BAD;
+	memcpy(h->scratch + *have, rec->p, rec->len);
+	*have += rec->len;
+	if (*have < TLS_HS_HDR)
+		return ALPN_NEED_MORE;
+	*mlen = TLS_HS_HDR + ((size_t)h->scratch[1] << 16 |
+	    (size_t)h->scratch[2] << 8 | h->scratch[3]);
+	if (h->scratch[0] != TLS_HS_CLIENT_HELLO || *mlen > ALPN_HELLO_MAX)
+		return ALPN_BAD;
+	if (*have < *mlen)
+		return ALPN_NEED_MORE;
+	*hs = h->scratch;
+	return ALPN_OK;
+}
+
+/*
  * RFC 8446 section 5.1: a handshake message may be fragmented over several
  * records of type handshake; no other type may be interleaved; records are
  * 1..2^14 bytes.  The ClientHello must end exactly at a record's end.
@@ -302,9 +340,10 @@ alpn_parse_hello(const uint8_t *buf, size_t len, struct alpn_hello *h,
 {
 	struct cbs in, rec;
 	const uint8_t *hs;
+	enum alpn_status st;
 	uint16_t rlen;
 	uint8_t type, major, minor;
-	size_t have = 0, mlen = 0, off, n;
+	size_t have = 0, mlen = 0, off;
 
 	memset(h, 0, offsetof(struct alpn_hello, scratch));
 	h->bad_ext = -1;
@@ -339,38 +378,11 @@ alpn_parse_hello(const uint8_t *buf, size_t len, struct alpn_hello *h,
 			goto more;
 		}
 
-		/* Append this fragment to the handshake message. */
-		if (hs == NULL && have == 0) {
-			/* Fast path: the whole message in the first record. */
-			if (rec.len >= TLS_HS_HDR) {
-				mlen = TLS_HS_HDR + ((size_t)rec.p[1] << 16 |
-				    (size_t)rec.p[2] << 8 | rec.p[3]);
-				if (rec.p[0] != TLS_HS_CLIENT_HELLO ||
-				    mlen > ALPN_HELLO_MAX)
-					return ALPN_BAD;
-				if (rec.len >= mlen) {
-					hs = rec.p;
-					have = rec.len;
-					goto complete;
-				}
-			}
-		}
-		n = rec.len;
-		if (have + n > ALPN_HELLO_MAX)
+		st = add_fragment(h, &rec, &hs, &have, &mlen);
+		if (st == ALPN_BAD)
 			return ALPN_BAD;
-		memcpy(h->scratch + have, rec.p, n);
-		have += n;
-		if (have >= TLS_HS_HDR) {
-			mlen = TLS_HS_HDR + ((size_t)h->scratch[1] << 16 |
-			    (size_t)h->scratch[2] << 8 | h->scratch[3]);
-			if (h->scratch[0] != TLS_HS_CLIENT_HELLO ||
-			    mlen > ALPN_HELLO_MAX)
-				return ALPN_BAD;
-			if (have >= mlen) {
-				hs = h->scratch;
-				goto complete;
-			}
-		}
+		if (st == ALPN_OK)
+			goto complete;
 		if (len - in.len >= ALPN_WIRE_MAX)
 			return ALPN_BAD;
 	}

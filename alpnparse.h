@@ -62,6 +62,14 @@ struct alpn_hello {
 	 */
 	const uint8_t	*alpn;
 	size_t		 alpn_len;
+	/*
+	 * The rest describes what was parsed rather than what alpnd routes
+	 * by (sni, alpn, has_acme; alpnd-respond also reads legacy_version
+	 * and bad_ext).  parse_test.c and fuzz_hello.c hold the parser to
+	 * them: every hello's versions, length and record bytes must come
+	 * out as built, so a parser that skipped or misread a field fails
+	 * there.  alpn_max_version() is for those tests.
+	 */
 	/* supported_versions body (RFC 8446 section 4.2.1): 2-byte versions. */
 	const uint8_t	*versions;
 	size_t		 versions_len;

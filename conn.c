@@ -91,7 +91,7 @@ client_name(struct conn *c, char *buf, size_t sz)
 		return;
 	}
 	peer_addr(c);
-	fmt_addr(buf, sz, (struct sockaddr *)&c->peer, c->peerlen);
+	fmt_sockaddr(buf, sz, (struct sockaddr *)&c->peer, c->peerlen);
 }
 
 void
@@ -124,7 +124,8 @@ finish(struct conn *c, int code, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(c->result, sizeof(c->result), fmt, ap);
 	va_end(ap);
-	log_conn(c, now);
+	if (!c->quiet)
+		log_conn(c, now);
 	q_remove(c);
 	relay_unqueue(c);
 	if (!listening) {
@@ -157,6 +158,18 @@ finish(struct conn *c, int code, const char *fmt, ...)
 	c->state = S_DEAD;
 	c->next = dead;
 	dead = c;
+}
+
+/*
+ * A connection that ended before its ClientHello: in listening mode its
+ * line is subject to log_budget(), so a flood costs a summary, not a line
+ * per connection.
+ */
+static void
+finish_early(struct conn *c, int code, const char *why)
+{
+	c->quiet = listening && !log_budget(now_us());
+	finish(c, code, "%s", why);
 }
 
 struct conn *
@@ -265,6 +278,45 @@ consume(int fd, size_t n)
 	return 0;
 }
 
+/*
+ * --accept-proxy: the PROXY header in the first len bytes of peekbuf.
+ * Consumed once whole; returns 1 when ClientHello bytes follow it, 0 to
+ * wait for more, -1 when the connection is finished.
+ */
+static ssize_t
+proxy_step(struct conn *c, size_t len, int hup)
+{
+	size_t need = 0;
+
+	switch (alpn_parse_proxy(peekbuf, len, &c->px, &need)) {
+	case ALPN_OK:
+		break;
+	case ALPN_NEED_MORE:
+		if (hup || len == sizeof(peekbuf)) {
+			finish(c, EX_DATAERR, "truncated PROXY header (%zu bytes)",
+			    len);
+			return -1;
+		}
+		set_lowat(c, need > ALPN_PROXY_MAX ? ALPN_PROXY_MAX : (int)need);
+		return 0;
+	default:
+		finish(c, EX_DATAERR, "bad PROXY header");
+		return -1;
+	}
+	if (consume(c->cfd, c->px.hdr_len) == -1) {
+		finish(c, EX_IOERR, "reading the PROXY header failed");
+		return -1;
+	}
+	c->have_px = !c->px.local && c->px.family != ALPN_PROXY_UNKNOWN;
+	c->state = S_HELLO;
+	if (len > c->px.hdr_len)
+		return 1;
+	set_lowat(c, 1);
+	if (hup)
+		finish(c, EX_DATAERR, "closed after the PROXY header");
+	return hup ? -1 : 0;
+}
+
 void
 hello_step(struct conn *c, uint32_t ev)
 {
@@ -280,11 +332,11 @@ hello_step(struct conn *c, uint32_t ev)
 	if (n == -1) {
 		if (errno == EAGAIN || errno == EWOULDBLOCK) {
 			if (hup)
-				finish(c, EX_OK, "closed before any data");
+				finish_early(c, EX_OK, "closed before any data");
 			return;
 		}
 		if (errno == ECONNRESET)
-			finish(c, EX_OK, "reset before any data");
+			finish_early(c, EX_OK, "reset before any data");
 		else
 			finish(c, EX_IOERR, "recv: %s", strerror(errno));
 		return;
@@ -293,44 +345,16 @@ hello_step(struct conn *c, uint32_t ev)
 		if (opt->accept_proxy && c->state == S_HELLO)
 			finish(c, EX_DATAERR, "closed after the PROXY header");
 		else
-			finish(c, EX_OK, "closed before any data");
+			finish_early(c, EX_OK, "closed before any data");
 		return;
 	}
 	len = n;
 
 	if (c->state == S_PROXY) {
-		st = alpn_parse_proxy(p, len, &c->px, &need);
-		switch (st) {
-		case ALPN_OK:
-			break;
-		case ALPN_NEED_MORE:
-			if (hup || len == sizeof(peekbuf)) {
-				finish(c, EX_DATAERR,
-				    "truncated PROXY header (%zu bytes)", len);
-				return;
-			}
-			set_lowat(c, need > ALPN_PROXY_MAX ? ALPN_PROXY_MAX :
-			    (int)need);
+		if ((n = proxy_step(c, len, hup)) <= 0)
 			return;
-		default:
-			finish(c, EX_DATAERR, "bad PROXY header");
-			return;
-		}
-		if (consume(c->cfd, c->px.hdr_len) == -1) {
-			finish(c, EX_IOERR, "reading the PROXY header failed");
-			return;
-		}
-		c->have_px = !c->px.local && c->px.family != ALPN_PROXY_UNKNOWN;
-		c->state = S_HELLO;
 		p += c->px.hdr_len;
 		len -= c->px.hdr_len;
-		if (len == 0) {
-			set_lowat(c, 1);
-			if (hup)
-				finish(c, EX_DATAERR,
-				    "closed after the PROXY header");
-			return;
-		}
 	}
 
 	st = alpn_parse_hello(p, len, &hello, &need);
@@ -462,9 +486,11 @@ expire(int64_t now)
 
 	while ((c = q_hello.head) && c->deadline <= now) {
 		if (c->state == S_PROXY)
-			finish(c, EX_TEMPFAIL, "timeout waiting for the PROXY header");
+			finish_early(c, EX_TEMPFAIL,
+			    "timeout waiting for the PROXY header");
 		else
-			finish(c, EX_TEMPFAIL, "timeout waiting for the ClientHello");
+			finish_early(c, EX_TEMPFAIL,
+			    "timeout waiting for the ClientHello");
 	}
 	while ((c = q_connect.head) && c->deadline <= now)
 		connect_failed(c, ETIMEDOUT);

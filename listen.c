@@ -49,8 +49,11 @@ static char	**self_argv;
 /* Connections closed at once for a bound, logged once per SUMMARY_US. */
 static struct {
 	unsigned long	 total, source, fds;
+	unsigned long	 lines;		/* lines for early ends this interval */
+	unsigned long	 quiet;		/* early ends past LINES_MAX, not logged */
 	int64_t		 log_at;	/* 0: nothing to say */
 } over;
+#define LINES_MAX	50	/* early ends logged one by one per SUMMARY_US */
 
 /* Children (responders, a reloaded copy's relays) still running? */
 static int
@@ -108,13 +111,38 @@ over_summary(int64_t now, int force)
 {
 	if (over.log_at == 0 || (!force && now < over.log_at))
 		return;
-	logmsg(LOG_WARNING, "over the bounds in the last %lld s: %lu closed "
-	    "at once (%lu over --max-conn %zu, %lu over --max-per-source %u, "
-	    "%lu short of descriptors)", (long long)(SUMMARY_US / SEC),
-	    over.total + over.source + over.fds, over.total, max_conn,
-	    over.source, opt->max_per_source, over.fds);
-	over.total = over.source = over.fds = 0;
+	if (over.total + over.source + over.fds > 0)
+		logmsg(LOG_WARNING, "over the bounds in the last %lld s: %lu "
+		    "closed at once (%lu over --max-conn %zu, %lu over "
+		    "--max-per-source %u, %lu short of descriptors)",
+		    (long long)(SUMMARY_US / SEC),
+		    over.total + over.source + over.fds, over.total, max_conn,
+		    over.source, opt->max_per_source, over.fds);
+	if (over.quiet > 0)
+		logmsg(LOG_WARNING, "in the last %lld s: %lu more connections "
+		    "that ended without a complete ClientHello (silent, "
+		    "reset, or timed out) not logged one by one",
+		    (long long)(SUMMARY_US / SEC), over.quiet);
+	over.total = over.source = over.fds = over.lines = over.quiet = 0;
 	over.log_at = 0;
+}
+
+/*
+ * May a connection that ended before its ClientHello (silent, reset, timed
+ * out: what a flood is made of) have a line of its own?  LINES_MAX per
+ * interval do; the rest are counted in the summary.
+ */
+int
+log_budget(int64_t now)
+{
+	if (over.log_at == 0)
+		over.log_at = now + SUMMARY_US;
+	if (over.lines < LINES_MAX) {
+		over.lines++;
+		return 1;
+	}
+	over.quiet++;
+	return 0;
 }
 
 /*

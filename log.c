@@ -85,19 +85,6 @@ die(int code, const char *fmt, ...)
 	exit(code);
 }
 
-/* Copy an untrusted name for the log: printable, no spaces or commas. */
-size_t
-log_escape(char *dst, size_t sz, const uint8_t *s, size_t len)
-{
-	size_t i;
-
-	for (i = 0; i < len && i + 1 < sz; i++)
-		dst[i] = (s[i] > 0x20 && s[i] < 0x7f && s[i] != ',') ?
-		    (char)s[i] : '?';
-	dst[i] = '\0';
-	return i;
-}
-
 /*
  * Where log lines go: syslog when fd 2 is the very socket we serve (inetd
  * without an error stream), the journal's stream without our own prefix,
@@ -107,12 +94,10 @@ log_escape(char *dst, size_t sz, const uint8_t *s, size_t len)
 void
 log_setup(int cfd)
 {
-	struct stat a, b;
-	unsigned long long dev, ino;
-	const char *js;
+	struct stat st;
 	int fd;
 
-	if (fstat(STDERR_FILENO, &a) == -1) {
+	if (fstat(STDERR_FILENO, &st) == -1) {
 		if (errno == EBADF &&
 		    (fd = open("/dev/null", O_RDWR | O_CLOEXEC)) != -1 &&
 		    fd != STDERR_FILENO) {
@@ -121,17 +106,12 @@ log_setup(int cfd)
 		}
 		return;
 	}
-	if (fstat(cfd, &b) == 0 && a.st_dev == b.st_dev &&
-	    a.st_ino == b.st_ino) {
+	if (same_file(STDERR_FILENO, cfd)) {
 		/* inetd/xinetd: stderr is the client; never write there. */
 		use_syslog = 1;
 		openlog("alpnd", LOG_PID, LOG_DAEMON);
 		return;
 	}
-	/* systemd.exec(5) JOURNAL_STREAM: journald adds "alpnd[PID]: ". */
-	if ((js = getenv("JOURNAL_STREAM")) != NULL &&
-	    sscanf(js, "%llu:%llu", &dev, &ino) == 2 &&
-	    dev == (unsigned long long)a.st_dev &&
-	    ino == (unsigned long long)a.st_ino)
-		use_journal = 1;
+	/* journald adds "alpnd[PID]: " itself. */
+	use_journal = stderr_is_journal();
 }

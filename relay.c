@@ -218,7 +218,6 @@ start_relay(struct conn *c)
 		c->bregistered = 1;
 	}
 	c->state = S_RELAY;
-	c->active = now;
 	q_append(&q_relay, c, now);
 	relay_step(c);
 }

@@ -36,10 +36,10 @@
 #include <gnutls/gnutls.h>
 #include <gnutls/crypto.h>
 #include <gnutls/x509.h>
-#include <systemd/sd-daemon.h>
 #include <systemd/sd-journal.h>
 
 #include "alpnparse.h"
+#include "shared.h"
 
 #define PROG		"alpnd-respond"
 #define ACME_OID	"1.3.6.1.5.5.7.1.31"	/* id-pe-acmeIdentifier, RFC 8737 6.1 */
@@ -69,9 +69,11 @@ struct pair {
 	char			keydesc[64];
 };
 
-/* State of the one connection served. */
-struct conn {
-	int		 fd;
+/*
+ * The responder's session: the one connection served, what the ClientHello
+ * hook decided and what the log line will say.
+ */
+struct session {
 	int		 dirfd;
 	int		 dir_errno;		/* why dirfd is -1 */
 	const char	*dir;
@@ -86,6 +88,14 @@ struct conn {
 	int		 alert;
 	int		 rc;
 	char		 keydesc[64];
+};
+
+/* The command line, read once by parse_options(). */
+struct options {
+	const char	*dir;		/* --certs */
+	long		 timeout;	/* --hello-timeout, seconds */
+	int		 mode;		/* 0 (serve), 'm', 'c' or 'k' */
+	char		**args;		/* the operands */
 };
 
 static int stderr_is_conn;		/* inetd: fd 2 is the client */
@@ -149,34 +159,6 @@ pull_timeout(gnutls_transport_ptr_t ptr, unsigned int ms)
 	pfd.fd = (int)(intptr_t)ptr;
 	pfd.events = POLLIN;
 	return poll(&pfd, 1, (int)left + 1);
-}
-
-/* Escape untrusted bytes for a log line: printable ASCII stays, rest \xNN. */
-static void
-escape(char *dst, size_t dstlen, const uint8_t *s, size_t len)
-{
-	static const char hex[] = "0123456789abcdef";
-	size_t i, o = 0;
-
-	if (dstlen == 0)
-		return;
-	for (i = 0; i < len; i++) {
-		uint8_t c = s[i];
-
-		if (c > 0x20 && c < 0x7f && c != '"' && c != '\\') {
-			if (o + 1 >= dstlen)
-				break;
-			dst[o++] = (char)c;
-		} else {
-			if (o + 4 >= dstlen)
-				break;
-			dst[o++] = '\\';
-			dst[o++] = 'x';
-			dst[o++] = hex[c >> 4];
-			dst[o++] = hex[c & 0xf];
-		}
-	}
-	dst[o] = '\0';
 }
 
 /*
@@ -435,23 +417,12 @@ describe_key(gnutls_x509_privkey_t key, char *buf, size_t len)
 		snprintf(buf, len, "unknown key");
 }
 
-/*
- * RFC 8737 section 3 and RFC 8738 section 6: the only certificate ever
- * served is self-signed, carries exactly one subjectAltName entry equal to
- * the identifier (dNSName, or iPAddress for a reverse name) and exactly one
- * critical acmeIdentifier extension holding a 32-byte OCTET STRING, and
- * its key is the one in the key file.
- */
+/* The certificate's public key is the key file's. */
 static int
-check_pair(const struct ident *id, struct pair *p, char *why, size_t whylen)
+check_key_match(const struct pair *p, char *why, size_t whylen)
 {
 	uint8_t kid1[64], kid2[64];
 	size_t kl1 = sizeof(kid1), kl2 = sizeof(kid2);
-	gnutls_datum_t san, ext;
-	unsigned status = 0, critical, san_type, i;
-	char oid[128];
-	size_t oid_size;
-	int found = 0, ret, nsan = 0, san_ok = 0;
 
 	if (gnutls_x509_crt_get_key_id(p->crt, GNUTLS_KEYID_USE_SHA256,
 	    kid1, &kl1) < 0 ||
@@ -460,12 +431,23 @@ check_pair(const struct ident *id, struct pair *p, char *why, size_t whylen)
 		snprintf(why, whylen, "key does not match certificate");
 		return -1;
 	}
-	if (!gnutls_x509_crt_check_issuer(p->crt, p->crt)) {
+	return 0;
+}
+
+/* Its issuer is its subject, and its signature verifies with its own key. */
+static int
+check_self_signed(const struct pair *p, char *why, size_t whylen)
+{
+	gnutls_x509_crt_t crt = p->crt;
+	unsigned status = 0;
+	int ret;
+
+	if (!gnutls_x509_crt_check_issuer(crt, crt)) {
 		snprintf(why, whylen, "not self-signed: issuer is not the "
 		    "subject");
 		return -1;
 	}
-	ret = gnutls_x509_crt_verify(p->crt, &p->crt, 1,
+	ret = gnutls_x509_crt_verify(crt, &crt, 1,
 	    GNUTLS_VERIFY_DO_NOT_ALLOW_SAME | GNUTLS_VERIFY_DISABLE_CA_SIGN |
 	    GNUTLS_VERIFY_DISABLE_TIME_CHECKS |
 	    GNUTLS_VERIFY_DISABLE_TRUSTED_TIME_CHECKS |
@@ -475,11 +457,20 @@ check_pair(const struct ident *id, struct pair *p, char *why, size_t whylen)
 		    "verify with its own key (status 0x%x)", status);
 		return -1;
 	}
+	return 0;
+}
+
+/* How many subjectAltName entries (up to 64 are counted), or -1. */
+static int
+count_sans(gnutls_x509_crt_t crt, char *why, size_t whylen)
+{
+	unsigned i, san_type, critical;
+	int ret, nsan = 0;
 
 	for (i = 0; i < 64; i++) {
 		size_t sz = 0;
 
-		ret = gnutls_x509_crt_get_subject_alt_name2(p->crt, i, NULL,
+		ret = gnutls_x509_crt_get_subject_alt_name2(crt, i, NULL,
 		    &sz, &san_type, &critical);
 		if (ret == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE)
 			break;
@@ -490,66 +481,95 @@ check_pair(const struct ident *id, struct pair *p, char *why, size_t whylen)
 		}
 		nsan++;
 	}
+	return nsan;
+}
+
+/* A dNSName equal to the identifier, ASCII case ignored. */
+static int
+dnsname_is(const uint8_t *san, size_t len, const struct ident *id)
+{
+	size_t k;
+
+	if (len != id->len)
+		return 0;
+	for (k = 0; k < len; k++) {
+		uint8_t c = san[k];
+
+		if (c >= 'A' && c <= 'Z')
+			c += 32;
+		if (c != (uint8_t)id->name[k])
+			return 0;
+	}
+	return 1;
+}
+
+/*
+ * Exactly one subjectAltName entry: the identifier's dNSName, or for an IP
+ * identifier the iPAddress it stands for.
+ */
+static int
+check_san(const struct ident *id, const struct pair *p, char *why,
+    size_t whylen)
+{
+	uint8_t buf[1024];
+	char shown[128];
+	size_t sz = sizeof(buf);
+	unsigned san_type, critical;
+	int ret, nsan;
+
+	if ((nsan = count_sans(p->crt, why, whylen)) == -1)
+		return -1;
 	if (nsan != 1) {
 		snprintf(why, whylen, "%d subjectAltName entries, RFC 8737 "
 		    "wants exactly one", nsan);
 		return -1;
 	}
-	{
-		uint8_t buf[1024];
-		size_t sz = sizeof(buf);
-
-		ret = gnutls_x509_crt_get_subject_alt_name2(p->crt, 0, buf, &sz,
-		    &san_type, &critical);
-		if (ret < 0) {
-			snprintf(why, whylen, "subjectAltName unreadable: %s",
-			    gnutls_strerror(ret));
-			return -1;
-		}
-		san.data = buf;
-		san.size = (unsigned)sz;
-		if (id->is_ip) {
-			if (ret != GNUTLS_SAN_IPADDRESS)
-				snprintf(why, whylen, "subjectAltName is not "
-				    "an iPAddress (RFC 8738)");
-			else if (san.size != id->ip_len ||
-			    memcmp(san.data, id->ip, id->ip_len) != 0)
-				snprintf(why, whylen, "subjectAltName iPAddress "
-				    "is not the address of %s", id->name);
-			else
-				san_ok = 1;
-		} else {
-			size_t k;
-
-			if (ret != GNUTLS_SAN_DNSNAME)
-				snprintf(why, whylen, "subjectAltName is not "
-				    "a dNSName");
-			else if (san.size != id->len) {
-				escape(oid, sizeof(oid), san.data, san.size);
-				snprintf(why, whylen, "subjectAltName dNSName "
-				    "'%s' is not %s", oid, id->name);
-			} else {
-				san_ok = 1;
-				for (k = 0; k < id->len; k++) {
-					uint8_t c = san.data[k];
-
-					if (c >= 'A' && c <= 'Z')
-						c += 32;
-					if (c != (uint8_t)id->name[k])
-						san_ok = 0;
-				}
-				if (!san_ok) {
-					escape(oid, sizeof(oid), san.data,
-					    san.size);
-					snprintf(why, whylen, "subjectAltName "
-					    "dNSName '%s' is not %s", oid,
-					    id->name);
-				}
-			}
-		}
-		if (!san_ok)
-			return -1;
+	ret = gnutls_x509_crt_get_subject_alt_name2(p->crt, 0, buf, &sz,
+	    &san_type, &critical);
+	if (ret < 0) {
+		snprintf(why, whylen, "subjectAltName unreadable: %s",
+		    gnutls_strerror(ret));
+		return -1;
 	}
+	if (id->is_ip) {
+		if (ret != GNUTLS_SAN_IPADDRESS) {
+			snprintf(why, whylen, "subjectAltName is not an "
+			    "iPAddress (RFC 8738)");
+			return -1;
+		}
+		if (sz != id->ip_len || memcmp(buf, id->ip, id->ip_len) != 0) {
+			snprintf(why, whylen, "subjectAltName iPAddress is not "
+			    "the address of %s", id->name);
+			return -1;
+		}
+		return 0;
+	}
+	if (ret != GNUTLS_SAN_DNSNAME) {
+		snprintf(why, whylen, "subjectAltName is not a dNSName");
+		return -1;
+	}
+	if (!dnsname_is(buf, sz, id)) {
+		log_escape(shown, sizeof(shown), buf, sz);
+		snprintf(why, whylen, "subjectAltName dNSName '%s' is not %s",
+		    shown, id->name);
+		return -1;
+	}
+	return 0;
+}
+
+/*
+ * Exactly one acmeIdentifier extension, critical, holding
+ * Authorization ::= OCTET STRING (SIZE (32)) (RFC 8737 section 3): the
+ * digest goes to p->digest.
+ */
+static int
+check_acme_ext(struct pair *p, char *why, size_t whylen)
+{
+	gnutls_datum_t ext;
+	unsigned i, critical;
+	char oid[128];
+	size_t oid_size;
+	int found = 0, ret;
 
 	for (i = 0;; i++) {
 		oid_size = sizeof(oid);
@@ -580,7 +600,6 @@ check_pair(const struct ident *id, struct pair *p, char *why, size_t whylen)
 			    gnutls_strerror(ret));
 			return -1;
 		}
-		/* Authorization ::= OCTET STRING (SIZE (32)), RFC 8737 3 */
 		if (ext.size != 2 + DIGEST_LEN || ext.data[0] != 0x04 ||
 		    ext.data[1] != DIGEST_LEN) {
 			snprintf(why, whylen, "acmeIdentifier is not a 32-byte "
@@ -596,6 +615,24 @@ check_pair(const struct ident *id, struct pair *p, char *why, size_t whylen)
 		    ACME_OID);
 		return -1;
 	}
+	return 0;
+}
+
+/*
+ * RFC 8737 section 3 and RFC 8738 section 6: the only certificate ever
+ * served is self-signed, carries exactly one subjectAltName entry equal to
+ * the identifier (dNSName, or iPAddress for a reverse name) and exactly one
+ * critical acmeIdentifier extension holding a 32-byte OCTET STRING, and
+ * its key is the one in the key file.  The first check that fails says why.
+ */
+static int
+check_pair(const struct ident *id, struct pair *p, char *why, size_t whylen)
+{
+	if (check_key_match(p, why, whylen) == -1 ||
+	    check_self_signed(p, why, whylen) == -1 ||
+	    check_san(id, p, why, whylen) == -1 ||
+	    check_acme_ext(p, why, whylen) == -1)
+		return -1;
 	return 0;
 }
 
@@ -659,33 +696,28 @@ load_pair(int dirfd, const struct ident *id, struct pair *p, char *why,
 	return rc;
 }
 
+/* The one log line: to the journal, to syslog or to stderr. */
 static void
-log_conn(struct conn *c)
+log_session(struct session *s)
 {
-	const char *js = getenv("JOURNAL_STREAM");
-	double ms = elapsed_ms(&c->start);
-	unsigned long long dev, ino;
-	struct stat st;
+	double ms = elapsed_ms(&s->start);
 
-	if (c->result == NULL)
-		c->result = "error";
+	if (s->result == NULL)
+		s->result = "error";
 
-	/* JOURNAL_STREAM=dev:ino names our stderr only if it still matches. */
-	if (js != NULL && sscanf(js, "%llu:%llu", &dev, &ino) == 2 &&
-	    fstat(STDERR_FILENO, &st) == 0 && (unsigned long long)st.st_dev ==
-	    dev && (unsigned long long)st.st_ino == ino) {
+	if (stderr_is_journal()) {
 		sd_journal_send(
-		    "MESSAGE=%s %s %s \"%s\" %.1fms", c->client, c->sni,
-		    c->result, c->why, ms,
-		    "PRIORITY=%d", c->rc == 0 ? 6 : 5,
+		    "MESSAGE=%s %s %s \"%s\" %.1fms", s->client, s->sni,
+		    s->result, s->why, ms,
+		    "PRIORITY=%d", s->rc == 0 ? 6 : 5,
 		    "SYSLOG_IDENTIFIER=%s", PROG,
-		    "ALPND_CLIENT=%s", c->client,
-		    "ALPND_SNI=%s", c->sni,
-		    "ALPND_RESULT=%s", c->result,
-		    "ALPND_REASON=%s", c->why,
-		    "ALPND_KEY=%s", c->keydesc[0] ? c->keydesc : "-",
+		    "ALPND_CLIENT=%s", s->client,
+		    "ALPND_SNI=%s", s->sni,
+		    "ALPND_RESULT=%s", s->result,
+		    "ALPND_REASON=%s", s->why,
+		    "ALPND_KEY=%s", s->keydesc[0] ? s->keydesc : "-",
 		    "ALPND_DURATION_MS=%.3f", ms,
-		    "ALPND_EXIT=%d", c->rc,
+		    "ALPND_EXIT=%d", s->rc,
 		    NULL);
 		return;
 	}
@@ -695,13 +727,13 @@ log_conn(struct conn *c)
 	 */
 	if (stderr_is_conn) {
 		openlog(PROG, LOG_PID, LOG_DAEMON);
-		syslog(c->rc == 0 ? LOG_INFO : LOG_NOTICE,
-		    "%s %s %s \"%s\" %.1fms", c->client, c->sni,
-		    c->result, c->why, ms);
+		syslog(s->rc == 0 ? LOG_INFO : LOG_NOTICE,
+		    "%s %s %s \"%s\" %.1fms", s->client, s->sni,
+		    s->result, s->why, ms);
 		return;
 	}
 	fprintf(stderr, "%s[%ld]: %s %s %s \"%s\" %.1fms\n", PROG,
-	    (long)getpid(), c->client, c->sni, c->result, c->why, ms);
+	    (long)getpid(), s->client, s->sni, s->result, s->why, ms);
 }
 
 static void
@@ -709,36 +741,76 @@ peer_name(int fd, char *buf, size_t len)
 {
 	struct sockaddr_storage ss;
 	socklen_t sl = sizeof(ss);
-	char host[INET6_ADDRSTRLEN];
 	const char *env;
 
 	/* The router may know better (it consumed a PROXY header). */
 	if ((env = getenv("ALPND_CLIENT")) != NULL && *env != '\0') {
-		escape(buf, len, (const uint8_t *)env, strnlen(env, 64));
+		log_escape(buf, len, (const uint8_t *)env, strnlen(env, 64));
 		return;
 	}
-	snprintf(buf, len, "-");
 	if (getpeername(fd, (struct sockaddr *)&ss, &sl) == -1)
-		return;
-	if (ss.ss_family == AF_INET) {
-		struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+		sl = 0;
+	fmt_sockaddr(buf, len, (struct sockaddr *)&ss, sl);
+}
 
-		inet_ntop(AF_INET, &s4->sin_addr, host, sizeof(host));
-		snprintf(buf, len, "%s:%u", host, ntohs(s4->sin_port));
-	} else if (ss.ss_family == AF_INET6) {
-		struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+/*
+ * The parser refused the ClientHello: decode_error, and for the log the
+ * extension at fault (its type), if the fault lies in one.
+ */
+static int
+refuse_malformed(struct session *s, const struct alpn_hello *hello)
+{
+	s->result = "tls_error";
+	if (hello->bad_ext == 0)
+		snprintf(s->why, sizeof(s->why),
+		    "malformed server_name extension");
+	else if (hello->bad_ext == 16)
+		snprintf(s->why, sizeof(s->why), "malformed ALPN extension");
+	else if (hello->bad_ext > 0)
+		snprintf(s->why, sizeof(s->why), "malformed ClientHello "
+		    "(extension %d)", hello->bad_ext);
+	else
+		snprintf(s->why, sizeof(s->why), "malformed ClientHello");
+	s->alert = GNUTLS_A_DECODE_ERROR;
+	return GNUTLS_E_UNEXPECTED_PACKET;
+}
 
-		if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
-			inet_ntop(AF_INET, &s6->sin6_addr.s6_addr[12], host,
-			    sizeof(host));
-			snprintf(buf, len, "%s:%u", host, ntohs(s6->sin6_port));
-		} else {
-			inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof(host));
-			snprintf(buf, len, "[%s]:%u", host,
-			    ntohs(s6->sin6_port));
+/*
+ * Make id's pair the certificate this session serves, once: a second
+ * ClientHello (after HelloRetryRequest) must name the same identifier.
+ * On failure the reason is in s->why.
+ */
+static int
+use_pair(struct session *s, const struct ident *id)
+{
+	struct pair p;
+	int ret;
+
+	if (s->loaded[0] != '\0') {
+		if (strcmp(s->loaded, id->name) != 0) {
+			snprintf(s->why, sizeof(s->why), "SNI changed in the "
+			    "second ClientHello");
+			return -1;
 		}
-	} else if (ss.ss_family == AF_UNIX)
-		snprintf(buf, len, "unix");
+		return 0;
+	}
+	if (s->dirfd == -1) {
+		snprintf(s->why, sizeof(s->why), "certs directory %s: %s",
+		    s->dir, strerror(s->dir_errno));
+		return -1;
+	}
+	if (load_pair(s->dirfd, id, &p, s->why, sizeof(s->why)) == -1)
+		return -1;
+	snprintf(s->keydesc, sizeof(s->keydesc), "%s", p.keydesc);
+	ret = gnutls_certificate_set_x509_key(s->cred, &p.crt, 1, p.key);
+	pair_free(&p);
+	if (ret < 0) {
+		snprintf(s->why, sizeof(s->why), "GnuTLS refused the pair: %s",
+		    gnutls_strerror(ret));
+		return -1;
+	}
+	memcpy(s->loaded, id->name, id->len + 1);
+	return 0;
 }
 
 /*
@@ -757,92 +829,49 @@ peer_name(int fd, char *buf, size_t len)
  * Nothing is ever served for a name that fails.
  */
 static int
-client_hello_hook(gnutls_session_t session, unsigned htype, unsigned when,
+client_hello_hook(gnutls_session_t tls, unsigned htype, unsigned when,
     unsigned incoming, const gnutls_datum_t *msg)
 {
 	/* Large (reassembly space) and one connection per process. */
 	static struct alpn_hello hello;
-	struct conn *c = gnutls_session_get_ptr(session);
+	struct session *s = gnutls_session_get_ptr(tls);
 	struct ident id;
-	struct pair p;
-	int ret;
 
 	if (htype != GNUTLS_HANDSHAKE_CLIENT_HELLO || when != GNUTLS_HOOK_PRE ||
 	    !incoming)
 		return 0;
-	c->hook_failed = 1;
-	snprintf(c->sni, sizeof(c->sni), "-");
+	s->hook_failed = 1;
+	snprintf(s->sni, sizeof(s->sni), "-");
 	/*
 	 * A hello the parser refuses is refused, never waved through: GnuTLS
 	 * accepts some (legacy_version 0x0403 in a second ClientHello after
 	 * HelloRetryRequest) that would then skip every check below.
 	 */
-	if (alpn_parse_hello_body(msg->data, msg->size, &hello) != ALPN_OK) {
-		c->result = "tls_error";
-		if (hello.bad_ext == 0)
-			snprintf(c->why, sizeof(c->why),
-			    "malformed server_name extension");
-		else if (hello.bad_ext == 16)
-			snprintf(c->why, sizeof(c->why),
-			    "malformed ALPN extension");
-		else if (hello.bad_ext > 0)
-			snprintf(c->why, sizeof(c->why), "malformed ClientHello "
-			    "(extension %d)", hello.bad_ext);
-		else
-			snprintf(c->why, sizeof(c->why),
-			    "malformed ClientHello");
-		c->alert = GNUTLS_A_DECODE_ERROR;
-		return GNUTLS_E_UNEXPECTED_PACKET;
-	}
+	if (alpn_parse_hello_body(msg->data, msg->size, &hello) != ALPN_OK)
+		return refuse_malformed(s, &hello);
 	if (hello.sni != NULL)
-		escape(c->sni, sizeof(c->sni), hello.sni, hello.sni_len);
+		log_escape(s->sni, sizeof(s->sni), hello.sni, hello.sni_len);
 	if (!hello.has_acme) {
-		c->result = "no_acme_alpn";
-		snprintf(c->why, sizeof(c->why), "client did not offer %s%s",
+		s->result = "no_acme_alpn";
+		snprintf(s->why, sizeof(s->why), "client did not offer %s%s",
 		    ALPN_ACME, hello.alpn != NULL ? "" :
 		    " (no ALPN extension)");
-		c->alert = GNUTLS_A_NO_APPLICATION_PROTOCOL;
+		s->alert = GNUTLS_A_NO_APPLICATION_PROTOCOL;
 		return GNUTLS_E_NO_APPLICATION_PROTOCOL;
 	}
-	c->result = "unrecognized_name";
-	c->alert = GNUTLS_A_UNRECOGNIZED_NAME;
+	s->result = "unrecognized_name";
+	s->alert = GNUTLS_A_UNRECOGNIZED_NAME;
 	if (hello.sni == NULL) {
-		snprintf(c->why, sizeof(c->why), "no SNI host_name");
+		snprintf(s->why, sizeof(s->why), "no SNI host_name");
 		return GNUTLS_E_UNRECOGNIZED_NAME;
 	}
-	if (ident_from_name(hello.sni, hello.sni_len, &id, c->why,
-	    sizeof(c->why)) == -1)
+	if (ident_from_name(hello.sni, hello.sni_len, &id, s->why,
+	    sizeof(s->why)) == -1 || use_pair(s, &id) == -1)
 		return GNUTLS_E_UNRECOGNIZED_NAME;
-	if (c->loaded[0] != '\0') {
-		/* A second ClientHello (after HelloRetryRequest). */
-		if (strcmp(c->loaded, id.name) != 0) {
-			snprintf(c->why, sizeof(c->why), "SNI changed in the "
-			    "second ClientHello");
-			return GNUTLS_E_UNRECOGNIZED_NAME;
-		}
-		goto done;
-	}
-	if (c->dirfd == -1) {
-		snprintf(c->why, sizeof(c->why), "certs directory %s: %s",
-		    c->dir, strerror(c->dir_errno));
-		return GNUTLS_E_UNRECOGNIZED_NAME;
-	}
-	if (load_pair(c->dirfd, &id, &p, c->why, sizeof(c->why)) == -1)
-		return GNUTLS_E_UNRECOGNIZED_NAME;
-	snprintf(c->keydesc, sizeof(c->keydesc), "%s", p.keydesc);
-	ret = gnutls_certificate_set_x509_key(c->cred, &p.crt, 1, p.key);
-	pair_free(&p);
-	if (ret < 0) {
-		snprintf(c->why, sizeof(c->why), "GnuTLS refused the pair: %s",
-		    gnutls_strerror(ret));
-		return GNUTLS_E_UNRECOGNIZED_NAME;
-	}
-	memcpy(c->loaded, id.name, id.len + 1);
- done:
-	c->hook_failed = 0;
-	c->alert = -1;
-	c->result = NULL;
-	c->why[0] = '\0';
+	s->hook_failed = 0;
+	s->alert = -1;
+	s->result = NULL;
+	s->why[0] = '\0';
 	return 0;
 }
 
@@ -881,17 +910,11 @@ connection_fd(void)
 	socklen_t sl;
 	struct stat st;
 
-	n = sd_listen_fds(1);
-	if (n < 0) {
-		fprintf(stderr, "%s: LISTEN_FDS: %s\n", PROG, strerror(-n));
-		return -1;
-	}
-	if (n > 1) {
+	if ((fd = inherited_fd(&n)) == -1) {
 		fprintf(stderr, "%s: LISTEN_FDS=%d, expected one connection\n",
 		    PROG, n);
 		return -1;
 	}
-	fd = n == 1 ? SD_LISTEN_FDS_START : STDIN_FILENO;
 	if (fstat(fd, &st) == -1 || !S_ISSOCK(st.st_mode)) {
 		fprintf(stderr, "%s: fd %d is not a socket; run me from alpnd, "
 		    "inetd or a socket unit with Accept=yes\n", PROG, fd);
@@ -917,37 +940,11 @@ connection_fd(void)
 	return fd;
 }
 
-static int
-serve(const char *dir, int dirfd, int dir_errno, int timeout)
+/* SIGPIPE ignored; SIGALRM a backstop two seconds after the deadline. */
+static void
+set_signals(int timeout)
 {
-	static const gnutls_datum_t acme = {
-		(unsigned char *)(uintptr_t)ALPN_ACME, sizeof(ALPN_ACME) - 1
-	};
-	struct conn c;
-	gnutls_session_t session = NULL;
-	gnutls_datum_t proto;
 	struct sigaction sa;
-	int fd, ret;
-
-	memset(&c, 0, sizeof(c));
-	clock_gettime(CLOCK_MONOTONIC, &c.start);
-	snprintf(c.sni, sizeof(c.sni), "-");
-	c.dirfd = dirfd;
-	c.dir_errno = dir_errno;
-	c.dir = dir;
-	c.alert = -1;
-	c.rc = EX_SOFTWARE;
-	if ((fd = connection_fd()) == -1)
-		return EX_USAGE;
-	c.fd = fd;
-	peer_name(fd, c.client, sizeof(c.client));
-	{
-		struct stat es, cs;
-
-		stderr_is_conn = fstat(STDERR_FILENO, &es) == 0 &&
-		    fstat(fd, &cs) == 0 && es.st_dev == cs.st_dev &&
-		    es.st_ino == cs.st_ino;
-	}
 
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = SIG_IGN;
@@ -956,99 +953,153 @@ serve(const char *dir, int dirfd, int dir_errno, int timeout)
 	sa.sa_handler = on_alarm;
 	sigaction(SIGALRM, &sa, NULL);
 	alarm((unsigned)timeout + 2);
+}
 
-	if ((ret = gnutls_certificate_allocate_credentials(&c.cred)) < 0 ||
-	    (ret = gnutls_init(&session, GNUTLS_SERVER | GNUTLS_NO_TICKETS |
+/*
+ * A GnuTLS server session on fd: TLS 1.2 and 1.3, no tickets, acme-tls/1
+ * mandatory, the certificate chosen by client_hello_hook, the handshake
+ * held to its absolute deadline by pull_timeout.
+ */
+static int
+tls_setup(struct session *s, int fd, int timeout, gnutls_session_t *tls)
+{
+	static const gnutls_datum_t acme = {
+		(unsigned char *)(uintptr_t)ALPN_ACME, sizeof(ALPN_ACME) - 1
+	};
+	int ret;
+
+	if ((ret = gnutls_certificate_allocate_credentials(&s->cred)) < 0 ||
+	    (ret = gnutls_init(tls, GNUTLS_SERVER | GNUTLS_NO_TICKETS |
 	    GNUTLS_NO_SIGNAL)) < 0 ||
-	    (ret = gnutls_priority_set_direct(session,
+	    (ret = gnutls_priority_set_direct(*tls,
 	    "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2", NULL)) < 0 ||
-	    (ret = gnutls_credentials_set(session, GNUTLS_CRD_CERTIFICATE,
-	    c.cred)) < 0 ||
-	    (ret = gnutls_alpn_set_protocols(session, &acme, 1,
+	    (ret = gnutls_credentials_set(*tls, GNUTLS_CRD_CERTIFICATE,
+	    s->cred)) < 0 ||
+	    (ret = gnutls_alpn_set_protocols(*tls, &acme, 1,
 	    GNUTLS_ALPN_MANDATORY | GNUTLS_ALPN_SERVER_PRECEDENCE)) < 0) {
-		c.result = "error";
-		snprintf(c.why, sizeof(c.why), "GnuTLS setup: %s",
+		s->result = "error";
+		snprintf(s->why, sizeof(s->why), "GnuTLS setup: %s",
 		    gnutls_strerror(ret));
-		c.rc = EX_SOFTWARE;
-		goto out;
+		s->rc = EX_SOFTWARE;
+		return -1;
 	}
-	gnutls_session_set_ptr(session, &c);
-	gnutls_handshake_set_hook_function(session,
+	gnutls_session_set_ptr(*tls, s);
+	gnutls_handshake_set_hook_function(*tls,
 	    GNUTLS_HANDSHAKE_CLIENT_HELLO, GNUTLS_HOOK_PRE, client_hello_hook);
-	gnutls_transport_set_int(session, fd);
-	hs_start = c.start;
+	gnutls_transport_set_int(*tls, fd);
+	hs_start = s->start;
 	hs_limit_ms = timeout * 1000.0;
-	gnutls_transport_set_pull_timeout_function(session, pull_timeout);
-	gnutls_handshake_set_timeout(session, (unsigned)timeout * 1000);
+	gnutls_transport_set_pull_timeout_function(*tls, pull_timeout);
+	gnutls_handshake_set_timeout(*tls, (unsigned)timeout * 1000);
+	return 0;
+}
 
-	do {
-		ret = gnutls_handshake(session);
-	} while (ret < 0 && gnutls_error_is_fatal(ret) == 0);
-
-	if (ret < 0) {
-		if (c.hook_failed) {
-			/* Our refusal: the reason is already in c.why. */
-			if (c.alert >= 0)
-				gnutls_alert_send(session, GNUTLS_AL_FATAL,
-				    (gnutls_alert_description_t)c.alert);
-			c.rc = c.dirfd == -1 ? EX_UNAVAILABLE : EX_DATAERR;
-		} else if (ret == GNUTLS_E_TIMEDOUT) {
-			c.result = "timeout";
-			snprintf(c.why, sizeof(c.why), "no complete handshake "
-			    "within %ds", timeout);
-			c.rc = EX_TEMPFAIL;
-		} else if (ret == GNUTLS_E_PREMATURE_TERMINATION ||
-		    ret == GNUTLS_E_PULL_ERROR || ret == GNUTLS_E_PUSH_ERROR) {
-			c.result = "io_error";
-			snprintf(c.why, sizeof(c.why), "%s",
+/* A failed handshake, sorted into the log's RESULT and the exit status. */
+static void
+handshake_failed(struct session *s, gnutls_session_t tls, int ret,
+    int timeout)
+{
+	if (s->hook_failed) {
+		/* Our refusal: the reason is already in s->why. */
+		if (s->alert >= 0)
+			gnutls_alert_send(tls, GNUTLS_AL_FATAL,
+			    (gnutls_alert_description_t)s->alert);
+		s->rc = s->dirfd == -1 ? EX_UNAVAILABLE : EX_DATAERR;
+	} else if (ret == GNUTLS_E_TIMEDOUT) {
+		s->result = "timeout";
+		snprintf(s->why, sizeof(s->why), "no complete handshake "
+		    "within %ds", timeout);
+		s->rc = EX_TEMPFAIL;
+	} else if (ret == GNUTLS_E_PREMATURE_TERMINATION ||
+	    ret == GNUTLS_E_PULL_ERROR || ret == GNUTLS_E_PUSH_ERROR) {
+		s->result = "io_error";
+		snprintf(s->why, sizeof(s->why), "%s", gnutls_strerror(ret));
+		s->rc = EX_IOERR;
+	} else {
+		if (ret == GNUTLS_E_NO_APPLICATION_PROTOCOL)
+			s->result = "no_acme_alpn";
+		else
+			s->result = "tls_error";
+		if (ret == GNUTLS_E_WARNING_ALERT_RECEIVED ||
+		    ret == GNUTLS_E_FATAL_ALERT_RECEIVED)
+			snprintf(s->why, sizeof(s->why), "%s: %s",
+			    gnutls_strerror(ret),
+			    gnutls_alert_get_name(gnutls_alert_get(tls)));
+		else
+			snprintf(s->why, sizeof(s->why), "%s",
 			    gnutls_strerror(ret));
-			c.rc = EX_IOERR;
-		} else {
-			if (ret == GNUTLS_E_NO_APPLICATION_PROTOCOL)
-				c.result = "no_acme_alpn";
-			else
-				c.result = "tls_error";
-			if (ret == GNUTLS_E_WARNING_ALERT_RECEIVED ||
-			    ret == GNUTLS_E_FATAL_ALERT_RECEIVED)
-				snprintf(c.why, sizeof(c.why), "%s: %s",
-				    gnutls_strerror(ret), gnutls_alert_get_name(
-				    gnutls_alert_get(session)));
-			else
-				snprintf(c.why, sizeof(c.why), "%s",
-				    gnutls_strerror(ret));
-			gnutls_alert_send_appropriate(session, ret);
-			c.rc = EX_DATAERR;
-		}
-		goto out;
+		gnutls_alert_send_appropriate(tls, ret);
+		s->rc = EX_DATAERR;
 	}
+}
 
-	/* Belt and braces: the handshake did agree on acme-tls/1. */
-	if (gnutls_alpn_get_selected_protocol(session, &proto) != 0 ||
+/*
+ * A completed handshake: it did agree on acme-tls/1 (belt and braces);
+ * then, RFC 8737 section 3, no application data: close right away.
+ */
+static void
+handshake_done(struct session *s, gnutls_session_t tls, int fd)
+{
+	gnutls_datum_t proto;
+
+	if (gnutls_alpn_get_selected_protocol(tls, &proto) != 0 ||
 	    proto.size != sizeof(ALPN_ACME) - 1 ||
 	    memcmp(proto.data, ALPN_ACME, proto.size) != 0) {
-		c.result = "no_acme_alpn";
-		snprintf(c.why, sizeof(c.why), "handshake ended without %s",
+		s->result = "no_acme_alpn";
+		snprintf(s->why, sizeof(s->why), "handshake ended without %s",
 		    ALPN_ACME);
-		c.rc = EX_DATAERR;
-		goto out;
+		s->rc = EX_DATAERR;
+		return;
 	}
-	c.result = "ok";
-	snprintf(c.why, sizeof(c.why), "%s %s %s",
-	    gnutls_protocol_get_name(gnutls_protocol_get_version(session)),
-	    gnutls_cipher_get_name(gnutls_cipher_get(session)), c.keydesc);
-	c.rc = EX_OK;
-	/* RFC 8737 section 3: no application data; close right away. */
-	gnutls_bye(session, GNUTLS_SHUT_WR);
+	s->result = "ok";
+	snprintf(s->why, sizeof(s->why), "%s %s %s",
+	    gnutls_protocol_get_name(gnutls_protocol_get_version(tls)),
+	    gnutls_cipher_get_name(gnutls_cipher_get(tls)), s->keydesc);
+	s->rc = EX_OK;
+	gnutls_bye(tls, GNUTLS_SHUT_WR);
 	drain(fd);
+}
+
+/* Serve the one inherited connection; log it; its exit status. */
+static int
+serve(const char *dir, int dirfd, int dir_errno, int timeout)
+{
+	struct session s;
+	gnutls_session_t tls = NULL;
+	int fd, ret;
+
+	memset(&s, 0, sizeof(s));
+	clock_gettime(CLOCK_MONOTONIC, &s.start);
+	snprintf(s.sni, sizeof(s.sni), "-");
+	s.dirfd = dirfd;
+	s.dir_errno = dir_errno;
+	s.dir = dir;
+	s.alert = -1;
+	s.rc = EX_SOFTWARE;
+	if ((fd = connection_fd()) == -1)
+		return EX_USAGE;
+	peer_name(fd, s.client, sizeof(s.client));
+	stderr_is_conn = same_file(STDERR_FILENO, fd);
+	set_signals(timeout);
+
+	if (tls_setup(&s, fd, timeout, &tls) == -1)
+		goto out;
+	do {
+		ret = gnutls_handshake(tls);
+	} while (ret < 0 && gnutls_error_is_fatal(ret) == 0);
+	if (ret < 0)
+		handshake_failed(&s, tls, ret, timeout);
+	else
+		handshake_done(&s, tls, fd);
  out:
 	alarm(0);
-	log_conn(&c);
-	if (session != NULL)
-		gnutls_deinit(session);
-	if (c.cred != NULL)
-		gnutls_certificate_free_credentials(c.cred);
+	log_session(&s);
+	if (tls != NULL)
+		gnutls_deinit(tls);
+	if (s.cred != NULL)
+		gnutls_certificate_free_credentials(s.cred);
 	close(fd);
-	return c.rc;
+	return s.rc;
 }
 
 static int
@@ -1155,8 +1206,11 @@ write_temp(int dirfd, const gnutls_datum_t *d, mode_t mode, gid_t gid,
 	int fd, rc = -1;
 
 	tmp[0] = '\0';
-	if (gnutls_rnd(GNUTLS_RND_NONCE, rnd, sizeof(rnd)) < 0)
+	if (gnutls_rnd(GNUTLS_RND_NONCE, rnd, sizeof(rnd)) < 0) {
+		fprintf(stderr, "%s: no random bytes for a temporary name\n",
+		    PROG);
 		return -1;
+	}
 	snprintf(tmp, tmplen, ".%s.%02x%02x%02x%02x%02x%02x%02x%02x",
 	    PROG, rnd[0], rnd[1], rnd[2], rnd[3], rnd[4], rnd[5], rnd[6],
 	    rnd[7]);
@@ -1198,20 +1252,131 @@ write_temp(int dirfd, const gnutls_datum_t *d, mode_t mode, gid_t gid,
 	return rc;
 }
 
+/*
+ * A new ECDSA P-256 key and its self-signed challenge certificate for id
+ * (RFC 8737 section 3), carrying digest in the critical acmeIdentifier
+ * extension; both as PEM, for the caller to free.
+ */
 static int
-make(int dirfd, const char *name, const char *auth)
+generate_pair(const struct ident *id, const uint8_t *digest,
+    gnutls_datum_t *keypem, gnutls_datum_t *crtpem)
 {
 	gnutls_x509_privkey_t key = NULL;
 	gnutls_x509_crt_t crt = NULL;
-	gnutls_datum_t keypem = { NULL, 0 }, crtpem = { NULL, 0 };
-	uint8_t digest[DIGEST_LEN], der[2 + DIGEST_LEN], serial[16];
-	char why[WHY_LEN], fname[NAME_LEN + 16], cname[NAME_LEN + 16];
-	char ktmp[64] = "", ctmp[64] = "";
+	uint8_t der[2 + DIGEST_LEN], serial[16];
 	const char *cn;
+	time_t now = time(NULL);
+	int ret, rc = -1;
+
+	der[0] = 0x04;			/* OCTET STRING */
+	der[1] = DIGEST_LEN;
+	memcpy(der + 2, digest, DIGEST_LEN);
+	if ((ret = gnutls_rnd(GNUTLS_RND_NONCE, serial, sizeof(serial))) < 0)
+		goto out;
+	/* A positive INTEGER with a minimal DER encoding. */
+	serial[0] = (uint8_t)((serial[0] & 0x7f) | 0x40);
+	cn = id->len <= 64 ? id->name : "acme-tls/1 challenge";
+	if ((ret = gnutls_x509_privkey_init(&key)) < 0 ||
+	    (ret = gnutls_x509_privkey_generate(key, GNUTLS_PK_ECDSA,
+	    GNUTLS_CURVE_TO_BITS(GNUTLS_ECC_CURVE_SECP256R1), 0)) < 0 ||
+	    (ret = gnutls_x509_crt_init(&crt)) < 0 ||
+	    (ret = gnutls_x509_crt_set_version(crt, 3)) < 0 ||
+	    (ret = gnutls_x509_crt_set_serial(crt, serial,
+	    sizeof(serial))) < 0 ||
+	    (ret = gnutls_x509_crt_set_activation_time(crt, now - 3600)) < 0 ||
+	    (ret = gnutls_x509_crt_set_expiration_time(crt,
+	    now + CHALLENGE_DAYS * 86400)) < 0 ||
+	    (ret = gnutls_x509_crt_set_dn_by_oid(crt,
+	    GNUTLS_OID_X520_COMMON_NAME, 0, cn, (unsigned)strlen(cn))) < 0 ||
+	    (ret = gnutls_x509_crt_set_key(crt, key)) < 0 ||
+	    (ret = gnutls_x509_crt_set_subject_alt_name(crt,
+	    id->is_ip ? GNUTLS_SAN_IPADDRESS : GNUTLS_SAN_DNSNAME,
+	    id->is_ip ? (const void *)id->ip : (const void *)id->name,
+	    id->is_ip ? (unsigned)id->ip_len : (unsigned)id->len,
+	    GNUTLS_FSAN_SET)) < 0 ||
+	    (ret = gnutls_x509_crt_set_basic_constraints(crt, 0, -1)) < 0 ||
+	    (ret = gnutls_x509_crt_set_key_usage(crt,
+	    GNUTLS_KEY_DIGITAL_SIGNATURE)) < 0 ||
+	    (ret = gnutls_x509_crt_set_extension_by_oid(crt, ACME_OID, der,
+	    sizeof(der), 1)) < 0 ||
+	    (ret = gnutls_x509_crt_sign2(crt, crt, key, GNUTLS_DIG_SHA256,
+	    0)) < 0 ||
+	    (ret = gnutls_x509_privkey_export2_pkcs8(key, GNUTLS_X509_FMT_PEM,
+	    NULL, GNUTLS_PKCS_PLAIN, keypem)) < 0 ||
+	    (ret = gnutls_x509_crt_export2(crt, GNUTLS_X509_FMT_PEM,
+	    crtpem)) < 0)
+		goto out;
+	rc = 0;
+ out:
+	if (rc == -1)
+		fprintf(stderr, "%s: making the certificate: %s\n", PROG,
+		    gnutls_strerror(ret));
+	if (crt != NULL)
+		gnutls_x509_crt_deinit(crt);
+	if (key != NULL)
+		gnutls_x509_privkey_deinit(key);
+	return rc;
+}
+
+/*
+ * Put id's new pair in place: both files complete on disk before either
+ * is renamed into place, under a lock against a concurrent --make or
+ * --clean; key first, and if the certificate cannot follow, no new key
+ * stays beside an old certificate.  (A validation between the two renames
+ * sees a mismatch and refuses: never a wrong pair.)  Files get the
+ * directory's group gid.
+ */
+static int
+install_pair(int dirfd, const struct ident *id, gid_t gid,
+    const gnutls_datum_t *keypem, const gnutls_datum_t *crtpem)
+{
+	char kname[NAME_LEN + 16], cname[NAME_LEN + 16];
+	char ktmp[64] = "", ctmp[64] = "";
+	int rc = EX_IOERR;
+
+	if (flock(dirfd, LOCK_EX) == -1)
+		fprintf(stderr, "%s: warning: lock certs directory: %s\n", PROG,
+		    strerror(errno));
+	if (write_temp(dirfd, keypem, 0640, gid, ktmp, sizeof(ktmp)) == -1 ||
+	    write_temp(dirfd, crtpem, 0644, gid, ctmp, sizeof(ctmp)) == -1)
+		goto out;
+	snprintf(kname, sizeof(kname), "%s.key.pem", id->name);
+	if (renameat(dirfd, ktmp, dirfd, kname) == -1) {
+		fprintf(stderr, "%s: rename %s: %s\n", PROG, kname,
+		    strerror(errno));
+		goto out;
+	}
+	ktmp[0] = '\0';
+	snprintf(cname, sizeof(cname), "%s.crt.pem", id->name);
+	if (renameat(dirfd, ctmp, dirfd, cname) == -1) {
+		fprintf(stderr, "%s: rename %s: %s\n", PROG, cname,
+		    strerror(errno));
+		(void)unlinkat(dirfd, kname, 0);
+		goto out;
+	}
+	ctmp[0] = '\0';
+	if (fsync(dirfd) == -1 && errno != EINVAL)
+		fprintf(stderr, "%s: fsync certs directory: %s\n", PROG,
+		    strerror(errno));
+	rc = EX_OK;
+ out:
+	if (ktmp[0] != '\0')
+		(void)unlinkat(dirfd, ktmp, 0);
+	if (ctmp[0] != '\0')
+		(void)unlinkat(dirfd, ctmp, 0);
+	return rc;
+}
+
+/* --make NAME AUTH: write NAME's challenge pair for the digest of AUTH. */
+static int
+make_pair(int dirfd, const char *name, const char *auth)
+{
+	gnutls_datum_t keypem = { NULL, 0 }, crtpem = { NULL, 0 };
+	uint8_t digest[DIGEST_LEN];
+	char why[WHY_LEN];
 	struct ident id;
 	struct stat st;
-	time_t now = time(NULL);
-	int ret, rc = EX_SOFTWARE;
+	int rc = EX_SOFTWARE;
 
 	if (ident_from_arg(name, &id, why, sizeof(why)) == -1) {
 		fprintf(stderr, "%s: %s: %s\n", PROG, name, why);
@@ -1231,102 +1396,19 @@ make(int dirfd, const char *name, const char *auth)
 		    strerror(errno));
 		return EX_IOERR;
 	}
-
-	der[0] = 0x04;			/* OCTET STRING */
-	der[1] = DIGEST_LEN;
-	memcpy(der + 2, digest, DIGEST_LEN);
-	if (gnutls_rnd(GNUTLS_RND_NONCE, serial, sizeof(serial)) < 0)
-		goto out;
-	/* A positive INTEGER with a minimal DER encoding. */
-	serial[0] = (uint8_t)((serial[0] & 0x7f) | 0x40);
-	cn = id.len <= 64 ? id.name : "acme-tls/1 challenge";
-	if ((ret = gnutls_x509_privkey_init(&key)) < 0 ||
-	    (ret = gnutls_x509_privkey_generate(key, GNUTLS_PK_ECDSA,
-	    GNUTLS_CURVE_TO_BITS(GNUTLS_ECC_CURVE_SECP256R1), 0)) < 0 ||
-	    (ret = gnutls_x509_crt_init(&crt)) < 0 ||
-	    (ret = gnutls_x509_crt_set_version(crt, 3)) < 0 ||
-	    (ret = gnutls_x509_crt_set_serial(crt, serial,
-	    sizeof(serial))) < 0 ||
-	    (ret = gnutls_x509_crt_set_activation_time(crt, now - 3600)) < 0 ||
-	    (ret = gnutls_x509_crt_set_expiration_time(crt,
-	    now + CHALLENGE_DAYS * 86400)) < 0 ||
-	    (ret = gnutls_x509_crt_set_dn_by_oid(crt,
-	    GNUTLS_OID_X520_COMMON_NAME, 0, cn, (unsigned)strlen(cn))) < 0 ||
-	    (ret = gnutls_x509_crt_set_key(crt, key)) < 0 ||
-	    (ret = gnutls_x509_crt_set_subject_alt_name(crt,
-	    id.is_ip ? GNUTLS_SAN_IPADDRESS : GNUTLS_SAN_DNSNAME,
-	    id.is_ip ? (const void *)id.ip : (const void *)id.name,
-	    id.is_ip ? (unsigned)id.ip_len : (unsigned)id.len,
-	    GNUTLS_FSAN_SET)) < 0 ||
-	    (ret = gnutls_x509_crt_set_basic_constraints(crt, 0, -1)) < 0 ||
-	    (ret = gnutls_x509_crt_set_key_usage(crt,
-	    GNUTLS_KEY_DIGITAL_SIGNATURE)) < 0 ||
-	    (ret = gnutls_x509_crt_set_extension_by_oid(crt, ACME_OID, der,
-	    sizeof(der), 1)) < 0 ||
-	    (ret = gnutls_x509_crt_sign2(crt, crt, key, GNUTLS_DIG_SHA256,
-	    0)) < 0 ||
-	    (ret = gnutls_x509_privkey_export2_pkcs8(key, GNUTLS_X509_FMT_PEM,
-	    NULL, GNUTLS_PKCS_PLAIN, &keypem)) < 0 ||
-	    (ret = gnutls_x509_crt_export2(crt, GNUTLS_X509_FMT_PEM,
-	    &crtpem)) < 0) {
-		fprintf(stderr, "%s: making the certificate: %s\n", PROG,
-		    gnutls_strerror(ret));
-		goto out;
-	}
-	/*
-	 * Both files complete on disk before either is renamed into place,
-	 * under a lock against a concurrent --make or --clean; key first, and
-	 * if the certificate cannot follow, no new key stays beside an old
-	 * certificate.  (A validation between the two renames sees a mismatch
-	 * and refuses: never a wrong pair.)
-	 */
-	rc = EX_IOERR;
-	if (flock(dirfd, LOCK_EX) == -1)
-		fprintf(stderr, "%s: warning: lock certs directory: %s\n", PROG,
-		    strerror(errno));
-	if (write_temp(dirfd, &keypem, 0640, st.st_gid, ktmp,
-	    sizeof(ktmp)) == -1 ||
-	    write_temp(dirfd, &crtpem, 0644, st.st_gid, ctmp,
-	    sizeof(ctmp)) == -1)
-		goto out;
-	snprintf(fname, sizeof(fname), "%s.key.pem", id.name);
-	if (renameat(dirfd, ktmp, dirfd, fname) == -1) {
-		fprintf(stderr, "%s: rename %s: %s\n", PROG, fname,
-		    strerror(errno));
-		goto out;
-	}
-	ktmp[0] = '\0';
-	snprintf(cname, sizeof(cname), "%s.crt.pem", id.name);
-	if (renameat(dirfd, ctmp, dirfd, cname) == -1) {
-		fprintf(stderr, "%s: rename %s: %s\n", PROG, cname,
-		    strerror(errno));
-		(void)unlinkat(dirfd, fname, 0);
-		goto out;
-	}
-	ctmp[0] = '\0';
-	if (fsync(dirfd) == -1 && errno != EINVAL)
-		fprintf(stderr, "%s: fsync certs directory: %s\n", PROG,
-		    strerror(errno));
-	rc = EX_OK;
- out:
-	if (ktmp[0] != '\0')
-		(void)unlinkat(dirfd, ktmp, 0);
-	if (ctmp[0] != '\0')
-		(void)unlinkat(dirfd, ctmp, 0);
+	if (generate_pair(&id, digest, &keypem, &crtpem) == 0)
+		rc = install_pair(dirfd, &id, st.st_gid, &keypem, &crtpem);
 	if (keypem.data != NULL) {
 		gnutls_memset(keypem.data, 0, keypem.size);
 		gnutls_free(keypem.data);
 	}
 	gnutls_free(crtpem.data);
-	if (crt != NULL)
-		gnutls_x509_crt_deinit(crt);
-	if (key != NULL)
-		gnutls_x509_privkey_deinit(key);
 	return rc;
 }
 
+/* --clean NAME: remove NAME's pair; files already gone are no error. */
 static int
-clean(int dirfd, const char *name)
+remove_pair(int dirfd, const char *name)
 {
 	char why[WHY_LEN], fname[NAME_LEN + 16];
 	static const char *const sfx[] = { ".crt.pem", ".key.pem" };
@@ -1353,9 +1435,9 @@ clean(int dirfd, const char *name)
 	return rc;
 }
 
-/* Say whether NAME's pair would be served, and why not. */
+/* --check NAME: say whether NAME's pair would be served, and why not. */
 static int
-check(int dirfd, const char *name)
+check_served(int dirfd, const char *name)
 {
 	char why[WHY_LEN], hex[2 * DIGEST_LEN + 1];
 	struct ident id;
@@ -1378,8 +1460,8 @@ check(int dirfd, const char *name)
 	return EX_OK;
 }
 
-int
-main(int argc, char *argv[])
+static void
+parse_options(int argc, char *argv[], struct options *o)
 {
 	static const struct option longopts[] = {
 		{ "certs",		required_argument,	NULL, 'd' },
@@ -1391,71 +1473,79 @@ main(int argc, char *argv[])
 		{ "help",		no_argument,		NULL, 'h' },
 		{ NULL,			0,			NULL, 0 }
 	};
-	const char *dir = NULL;
 	char *end;
-	long timeout = 10;
-	int ch, mode = 0, dirfd, rc;
+	int ch;
 
+	memset(o, 0, sizeof(*o));
+	o->timeout = 10;
 	while ((ch = getopt_long(argc, argv, "+d:t:Vh", longopts, NULL)) != -1) {
 		switch (ch) {
 		case 'd':
-			dir = optarg;
+			o->dir = optarg;
 			break;
 		case 't':
 			errno = 0;
-			timeout = strtol(optarg, &end, 10);
+			o->timeout = strtol(optarg, &end, 10);
 			if (errno != 0 || end == optarg || *end != '\0' ||
-			    timeout < 1 || timeout > 3600) {
-				fprintf(stderr, "%s: --hello-timeout: 1..3600 "
-				    "seconds\n", PROG);
-				return EX_USAGE;
+			    o->timeout < 1 || o->timeout > HELLO_TIMEOUT_MAX) {
+				fprintf(stderr, "%s: --hello-timeout: 1..%d "
+				    "seconds\n", PROG, HELLO_TIMEOUT_MAX);
+				exit(EX_USAGE);
 			}
 			break;
 		case 'm':
 		case 'c':
 		case 'k':
-			if (mode != 0)
+			if (o->mode != 0)
 				usage();
-			mode = ch;
+			o->mode = ch;
 			break;
 		case 'V':
 			printf("%s %s\n", PROG, ALPND_VERSION);
-			return EX_OK;
+			exit(EX_OK);
 		case 'h':
 		default:
 			usage();
 		}
 	}
 	argc -= optind;
-	argv += optind;
-	if (dir == NULL)
+	o->args = argv + optind;
+	if (o->dir == NULL)
 		usage();
-	if ((mode == 'm' && argc != 2) || ((mode == 'c' || mode == 'k') &&
-	    argc != 1) || (mode == 0 && argc != 0))
+	if ((o->mode == 'm' && argc != 2) || ((o->mode == 'c' ||
+	    o->mode == 'k') && argc != 1) || (o->mode == 0 && argc != 0))
 		usage();
+}
 
-	if ((dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) == -1) {
+int
+main(int argc, char *argv[])
+{
+	struct options o;
+	int dirfd, rc;
+
+	parse_options(argc, argv, &o);
+	if ((dirfd = open(o.dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) == -1) {
 		/*
 		 * Serving, still answer (unrecognized_name) and log it where
 		 * connection lines go: stderr may be the client (inetd).
 		 */
-		if (mode == 0)
-			return serve(dir, -1, errno, (int)timeout);
-		fprintf(stderr, "%s: %s: %s\n", PROG, dir, strerror(errno));
+		if (o.mode == 0)
+			return serve(o.dir, -1, errno, (int)o.timeout);
+		fprintf(stderr, "%s: %s: %s\n", PROG, o.dir, strerror(errno));
 		return EX_UNAVAILABLE;
 	}
-	switch (mode) {
+	switch (o.mode) {
 	case 'm':
-		rc = make(dirfd, argv[0], argv[1]);
+		rc = make_pair(dirfd, o.args[0], o.args[1]);
 		break;
 	case 'c':
-		rc = clean(dirfd, argv[0]);
+		rc = remove_pair(dirfd, o.args[0]);
 		break;
 	case 'k':
-		rc = check(dirfd, argv[0]);
+		rc = check_served(dirfd, o.args[0]);
 		break;
 	default:
-		rc = serve(dir, dirfd, 0, (int)timeout);
+		rc = serve(o.dir, dirfd, 0, (int)o.timeout);
 		break;
 	}
 	close(dirfd);

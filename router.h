@@ -11,6 +11,8 @@
  *   loop.c	the event loop, for one connection or a listening socket
  *   addr.c	backend addresses: parse, resolve
  *   log.c	where log lines go, and how
+ *   shared.c	what alpnd-respond uses too: log escaping, addresses in
+ *		print, stderr and the journal, LISTEN_FDS
  *   sources.c	connections per client address (--max-per-source)
  *   alpnparse.c	the pure parsers: ClientHello, PROXY header (and its builder)
  *
@@ -28,6 +30,7 @@
 #include <stdint.h>
 
 #include "alpnparse.h"
+#include "shared.h"
 
 #ifndef ALPND_VERSION
 #define ALPND_VERSION		"unknown"
@@ -71,7 +74,6 @@ extern struct addr	 fallback_addr, acme_addr;	/* acme_addr.spec NULL: none */
 
 void	parse_addr(struct addr *, const char *);
 int	resolve(struct addr *);
-void	fmt_addr(char *, size_t, const struct sockaddr *, socklen_t);
 
 /* log.c */
 extern pid_t	 mypid;
@@ -79,7 +81,6 @@ void	log_setup(int);
 void	logmsg(int, const char *, ...) __attribute__((format(printf, 2, 3)));
 void	die(int, const char *, ...)
 	    __attribute__((noreturn, format(printf, 2, 3)));
-size_t	log_escape(char *, size_t, const uint8_t *, size_t);
 int64_t	now_us(void);
 
 /* conn.c: one connection's state machine. */
@@ -124,7 +125,7 @@ struct conn {
 	int		 nonblock;	/* O_NONBLOCK set on cfd by us */
 	int		 registered;	/* cfd is in the epoll set */
 	int		 bregistered;	/* bfd is in the epoll set */
-	int64_t		 t0, deadline, active;
+	int64_t		 t0, deadline;
 	struct addr	*dst;
 	size_t		 ai;		/* address of dst being tried */
 	int64_t		 connect_by;	/* a busy backend is retried until then */
@@ -135,6 +136,8 @@ struct conn {
 	struct source	*src;		/* its client address, --max-per-source */
 	struct alpn_proxy px;
 	int		 have_px;	/* px holds a TCP4/TCP6 client */
+	int		 quiet;		/* no line of its own (log_budget) */
+	/* from here on not zeroed by conn_new() */
 	char		 sni[256];
 	char		 alpn[128];
 	int		 code;
@@ -197,6 +200,7 @@ int	accept_some(int64_t);
 void	on_signal(int64_t);
 int64_t	listen_deadline(int64_t, int64_t);
 int	listen_tick(int64_t, int64_t *);
+int	log_budget(int64_t);
 void	listen_end(void);
 int	reload_client(pid_t);
 

@@ -4,7 +4,7 @@ Every case is one connection handed to a real alpnd (or alpnd-respond)
 process as its stdin, inetd style, so each case has its own exit status
 and its own stderr.  Each case states its expected outcome - the route
 (which backend got the connection, or none), the exit code (sysexits, see
-DESIGN), what the backend and the client received, a log line pattern
+alpnd(8) EXIT STATUS), what the backend and the client received, a log line pattern
 and a time bound - and the harness checks all of them, plus:
 
   - no sanitizer report (the asan build: ASan + UBSan, leaks on);
@@ -62,7 +62,7 @@ IP6REV = ".".join(reversed("0" * 31 + "1")) + ".ip6.arpa"      # ::1, RFC 8738
 REPLY = b"backend-reply\n"
 H2 = [b"h2", b"http/1.1"]
 
-# Router outcomes (DESIGN: sysexits).  Anything that is not a complete
+# Router outcomes (alpnd(8) EXIT STATUS: sysexits).  Anything that is not a complete
 # ClientHello offering acme-tls/1 (malformed, oversized, truncated by EOF,
 # odd SNI) is relayed to the fallback intact (0); a malformed PROXY header
 # is dropped (65) without touching any backend; a deadline is 75; a

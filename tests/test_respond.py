@@ -202,6 +202,22 @@ def test_usage_errors(certs, tmp_path):
     assert r.returncode == 64 and "listening socket" in r.stderr
 
 
+def test_make_failing_certificate_leaves_no_new_key(certs):
+    """If the certificate cannot be put in place, the new key does not stay
+    behind (it would not match), and no temporary file remains."""
+    os.mkdir(os.path.join(certs, "x.example.org.crt.pem"))
+    r = make(certs, "x.example.org")
+    assert r.returncode == 74, r.stderr
+    assert sorted(os.listdir(certs)) == ["x.example.org.crt.pem"], os.listdir(certs)
+
+
+def test_make_ipv4_mapped_address_is_the_ipv4_identifier(certs):
+    r = make(certs, "::ffff:192.0.2.1")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(certs)) == ["1.2.0.192.in-addr.arpa.crt.pem",
+                                         "1.2.0.192.in-addr.arpa.key.pem"]
+
+
 # ---------------------------------------------------- certificate checks
 
 NAME = "v.example.org"
@@ -509,6 +525,18 @@ def test_old_tls_versions_refused(certs, responder):
                "-tls1_1"], stdin=subprocess.DEVNULL)
     assert r.returncode != 0
     assert "BEGIN CERTIFICATE" not in r.stdout
+
+
+def test_hard_linked_pair_is_not_served(certs, tmp_path):
+    """A hard link may stand for a file outside the directory: refused."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    assert make(str(other), "v.example.org").returncode == 0
+    for ext_ in (".crt.pem", ".key.pem"):
+        os.link(other / ("v.example.org" + ext_),
+                os.path.join(certs, "v.example.org" + ext_))
+    r = check(certs, "v.example.org")
+    assert r.returncode == 65 and "links" in r.stdout + r.stderr, r
 
 
 # ------------------------------------------------------- real TLS clients
@@ -1048,8 +1076,6 @@ def test_validator_like_post_quantum_hello(certs, responder):
     assert b"\x00\x33\x00\x24\x00\x1d\x00\x20" in body   # key_share X25519
 
 
-# --------------------------------------------- found in review, kept fixed
-
 @pytest.mark.parametrize("sni2,alpn2", [
     (b"w.example.org", b"\x00\x0b\x0aacme-tls/1"),     # another name
     (None, None),                                       # no SNI, no ALPN
@@ -1090,31 +1116,3 @@ def test_trickled_hello_meets_the_deadline_and_logs(certs, responder):
     assert ch.rc == 75, ch.stderr
     assert ch.log()["result"] == "timeout", ch.stderr
     assert took < 3.5, took
-
-
-def test_make_failing_certificate_leaves_no_new_key(certs):
-    """If the certificate cannot be put in place, the new key does not stay
-    behind (it would not match), and no temporary file remains."""
-    os.mkdir(os.path.join(certs, "x.example.org.crt.pem"))
-    r = make(certs, "x.example.org")
-    assert r.returncode == 74, r.stderr
-    assert sorted(os.listdir(certs)) == ["x.example.org.crt.pem"], os.listdir(certs)
-
-
-def test_make_ipv4_mapped_address_is_the_ipv4_identifier(certs):
-    r = make(certs, "::ffff:192.0.2.1")
-    assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(certs)) == ["1.2.0.192.in-addr.arpa.crt.pem",
-                                         "1.2.0.192.in-addr.arpa.key.pem"]
-
-
-def test_hard_linked_pair_is_not_served(certs, tmp_path):
-    """A hard link may stand for a file outside the directory: refused."""
-    other = tmp_path / "elsewhere"
-    other.mkdir()
-    assert make(str(other), "v.example.org").returncode == 0
-    for ext_ in (".crt.pem", ".key.pem"):
-        os.link(other / ("v.example.org" + ext_),
-                os.path.join(certs, "v.example.org" + ext_))
-    r = check(certs, "v.example.org")
-    assert r.returncode == 65 and "links" in r.stdout + r.stderr, r
