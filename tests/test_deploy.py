@@ -1517,16 +1517,13 @@ class Container:
         state = ""
         while time.monotonic() < end:
             assert self.nspawn.poll() is None, self.log.read_text()[-2000:]
-            # nspawn's short-lived intermediate child has the machine's
-            # root too: look again once the process found is gone
-            if self.pid is None or not self._is_machine(self.pid):
+            if self.pid is not None and not self._is_machine(self.pid):
+                self.pid = None  # nspawn's intermediate child, gone
+            if self.pid is None:
                 self.pid = self._machine_pid()
             if self.pid:
-                try:
-                    state = self.sh("systemctl is-system-running",
-                                    check=False).stdout.strip()
-                except AssertionError:   # gone in between
-                    state = ""
+                state = self.sh("systemctl is-system-running",
+                                check=False).stdout.strip()
                 if state in ("running", "degraded"):
                     break
             time.sleep(0.2)
