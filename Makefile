@@ -9,6 +9,9 @@ DOCDIR		?= $(PREFIX)/share/doc/alpnd
 SYSCONFDIR	?= /etc
 SYSTEMDUNITDIR	?= $(shell pkg-config --variable=systemdsystemunitdir systemd 2>/dev/null || echo /lib/systemd/system)
 RESPOND_PATH	?= $(SBINDIR)/alpnd-respond
+# systemd reads sysusers.d and tmpfiles.d under /usr/lib and /usr/local/lib
+SYSUSERSDIR	?= $(PREFIX)/lib/sysusers.d
+TMPFILESDIR	?= $(PREFIX)/lib/tmpfiles.d
 
 CC		?= cc
 CLANG		?= clang
@@ -112,7 +115,7 @@ build/fuzz_proxy_build: tests/fuzz_proxy_build.c alpnparse.c alpnparse.h
 	$(CLANG) -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined -o $@ tests/fuzz_proxy_build.c alpnparse.c
 
 deps:
-	@tests/deps build check
+	@tests/deps build check deb
 
 asan: build/asan/alpnd build/asan/alpnd-respond build/asan/parse_test
 
@@ -160,22 +163,50 @@ install: all
 		else chmod 0644 $(DESTDIR)$(DOCDIR)/examples/$$f; fi; \
 	done
 	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/
+	install -d $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR)
+	install -m 0644 packaging/sysusers.d/alpnd.conf $(DESTDIR)$(SYSUSERSDIR)/alpnd.conf
+	install -m 0644 packaging/tmpfiles.d/alpnd.conf $(DESTDIR)$(TMPFILESDIR)/alpnd.conf
+	@# the group alpnd-certs and the certificate directory, now (a package
+	@# does this in its postinst)
+	@if [ -n "$(DESTDIR)" ]; then \
+		echo "DESTDIR is set: not creating the group and directory now; on the target run" \
+		    "systemd-sysusers $(SYSUSERSDIR)/alpnd.conf && systemd-tmpfiles --create $(TMPFILESDIR)/alpnd.conf"; \
+	else \
+		echo "systemd-sysusers $(SYSUSERSDIR)/alpnd.conf && systemd-tmpfiles --create $(TMPFILESDIR)/alpnd.conf"; \
+		systemd-sysusers $(SYSUSERSDIR)/alpnd.conf && systemd-tmpfiles --create $(TMPFILESDIR)/alpnd.conf; \
+	fi
 	[ -e $(DESTDIR)$(SYSCONFDIR)/default/alpnd ] || \
 	    $(SUBST) contrib/default-alpnd > $(DESTDIR)$(SYSCONFDIR)/default/alpnd
 
-# $(SYSCONFDIR)/default/alpnd is configuration: uninstall leaves it.
+# $(SYSCONFDIR)/default/alpnd is configuration: uninstall leaves it, and
+# the group alpnd-certs and the certificate directory too.
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/alpnd $(DESTDIR)$(SBINDIR)/alpnd-respond $(DESTDIR)$(SBINDIR)/alpnd-redirect
 	rm -f $(DESTDIR)$(MANDIR)/man8/alpnd.8 $(DESTDIR)$(MANDIR)/man8/alpnd-respond.8
 	for u in units/*.socket units/*.service units/*.timer; do rm -f $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#units/}; done
 	for f in $(EXAMPLES); do rm -f $(DESTDIR)$(DOCDIR)/examples/$$f; done
 	rm -f $(DESTDIR)$(DOCDIR)/README.md
+	rm -f $(DESTDIR)$(SYSUSERSDIR)/alpnd.conf $(DESTDIR)$(TMPFILESDIR)/alpnd.conf
 	rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null || true
 
 clean:
 	rm -rf $(PROGS) build
 
 .PHONY: all asan check fuzz bench bench-parse demo deps install uninstall clean
+
+# The Debian package (debian/), built from a copy of this tree in build/deb
+# so the tree's own build is left alone; ./alpnd_VERSION_ARCH.deb is the
+# result: `make deb && sudo apt-get install ./alpnd_*.deb`.
+# DPKG_BUILDPACKAGE_OPTS="-us -uc" builds the source package too.
+DPKG_BUILDPACKAGE_OPTS ?= -us -uc -b
+deb:
+	@tests/deps deb
+	rm -rf build/deb && mkdir -p build/deb/src
+	tar -c --exclude=./build --exclude=./.git --exclude='./*.deb' . | tar -x -C build/deb/src
+	cd build/deb/src && dpkg-buildpackage $(DPKG_BUILDPACKAGE_OPTS)
+	rm -f alpnd_*.deb
+	cp build/deb/alpnd_*.deb .
+.PHONY: deb
 
 # valgrind memcheck over the main paths (relay, ACME exec, bad hello,
 # PROXY, deadline, listening mode): slow, so not part of `make check`.

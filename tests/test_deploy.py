@@ -1574,9 +1574,14 @@ class Container:
     its /etc with nothing enabled, `make install` output on /usr/local and
     in /etc, booted with systemd-nspawn inside a network namespace of its
     own (the host side of the container's veth lives there, not on the
-    host)."""
+    host).
 
-    def __init__(self, tmp, procs, dest):
+    dpkg=True (tests/test_package.py): no `make install` output (dest
+    None); /usr is instead an overlay on the host's, writable in the
+    machine, with a copy of the host's dpkg, apt and debconf databases, so
+    dpkg and apt-get install packages into the machine offline."""
+
+    def __init__(self, tmp, procs, dest, dpkg=False):
         tag = uuid.uuid4().hex[:6]
         self.ns = "alpnd-%s-n" % tag
         self.name = "alpnd%s" % tag
@@ -1598,16 +1603,27 @@ class Container:
                       "getty.target.wants", "sockets.target.wants"):
             shutil.rmtree(root / "etc/systemd/system" / wants,
                           ignore_errors=True)
-        run(["cp", "-a", str(dest / "etc") + "/.", str(root / "etc")])
+        if dest is not None:
+            run(["cp", "-a", str(dest / "etc") + "/.", str(root / "etc")])
+        self.usr = "--bind-ro=/usr --bind-ro=%s:/usr/local" % (
+            dest / "usr/local") if dest is not None else "--bind-ro=/usr"
+        if dpkg:
+            (tmp / "usr-upper").mkdir()
+            self.usr = "--overlay=/usr:%s:/usr" % (tmp / "usr-upper")
+            for d in ("var/lib/dpkg", "var/lib/apt", "var/cache/debconf"):
+                (root / d).parent.mkdir(parents=True, exist_ok=True)
+                run(["cp", "-a", "/" + d, str(root / d)])
+            for d in ("var/cache/apt/archives/partial", "var/log/apt"):
+                (root / d).mkdir(parents=True)
         run(["ip", "netns", "add", self.ns])
         self.nspawn = None
         try:
-            self._boot(tmp, procs, dest)
+            self._boot(tmp, procs)
         except BaseException:
             self.close()
             raise
 
-    def _boot(self, tmp, procs, dest):
+    def _boot(self, tmp, procs):
         root = self.root
         self.log = tmp / "container.log"
         # nspawn's scratch space on a tmpfs of its own (it refuses to clean
@@ -1618,9 +1634,8 @@ class Container:
                   "mount -t tmpfs tmpfs /run/systemd/nspawn && "
                   "exec nsenter --net=/run/netns/%s "
                   "systemd-nspawn --register=no --keep-unit -q "
-                  "-D %s -M %s --bind-ro=/usr --bind-ro=%s:/usr/local "
-                  "--network-veth -b --console=pipe"
-                  % (self.ns, root, self.name, dest / "usr/local"))
+                  "-D %s -M %s %s --network-veth -b --console=pipe"
+                  % (self.ns, root, self.name, self.usr))
         self.nspawn = procs.start(["unshare", "-m", "--propagation",
                                    "private", "sh", "-c", script],
                                   stdout=open(self.log, "w"),
@@ -1743,8 +1758,9 @@ else:                   # held: one answer per line read
 
 MACHINE_SETUP = r"""
 set -e
-groupadd --system alpnd-certs
-install -d -m 2750 -g alpnd-certs /var/lib/dehydrated/alpn-certs
+# what `make install` does without DESTDIR
+systemd-sysusers alpnd.conf
+systemd-tmpfiles --create alpnd.conf
 alpnd-respond --certs /var/lib/dehydrated/alpn-certs \
     --make www.example.test token.thumbprint
 mkdir -p /etc/ssl/example.org /var/www/html /var/log/nginx /var/lib/nginx
