@@ -426,8 +426,8 @@ def test_side_units(tmp_path):
 # (contrib's side units and nftables rule, itself as the only edge).
 CT_SETUP = r"""
 set -e
-groupadd --system alpnd-certs
-install -d -m 2750 -g alpnd-certs /var/lib/dehydrated/alpn-certs
+systemd-sysusers alpnd.conf
+systemd-tmpfiles --create alpnd.conf
 alpnd-respond --certs /var/lib/dehydrated/alpn-certs \
     --make www.example.test token.thumbprint
 ex=/usr/local/share/doc/alpnd/examples
