@@ -121,7 +121,7 @@ class CgProcs(td.Procs):
 
 
 class Machine:
-    def __init__(self, cgs, cg_dirs, workdir, alpnd_args):
+    def __init__(self, cgs, cg_dirs, workdir, alpnd_args, alpnd=None):
         self.cgs, self.cg = cgs, cg_dirs
         self.tmp = pathlib.Path(tempfile.mkdtemp(prefix="alpnd-bench-ct."))
         self.ct = None
@@ -140,6 +140,8 @@ class Machine:
         td.run(["make", "-s"] + td.NO_REBUILD + ["install", "DESTDIR=%s" % dest,
                "SYSTEMDUNITDIR=/etc/systemd/system", "PREFIX=/usr/local"],
                cwd=ROOT, timeout=120)
+        if alpnd and os.path.realpath(alpnd) != os.path.realpath(td.ALPND):
+            shutil.copy(alpnd, dest / "usr/local/sbin/alpnd")   # another build
         self.units = unit_files(dest)
         for k in ("listen", "perconn"):
             if k not in self.units:
@@ -290,7 +292,7 @@ systemd-run -q --unit=bench-nginx-stream nginx -p {w} -e {w}/stream-error.log -c
 
 # ---------------------------------------------------------------- the run
 
-def measure(cgs, workdir, client, concs, rounds, secs, warmup, alpnd_args):
+def measure(cgs, workdir, client, concs, rounds, secs, warmup, alpnd_args, alpnd=None):
     """Boot, measure, stop.  client(args, prefix) -> tlsload's result
     (run_client of tests/bench/run).  Returns the raw results, or
     {"error": why}."""
@@ -300,7 +302,7 @@ def measure(cgs, workdir, client, concs, rounds, secs, warmup, alpnd_args):
     cg = cgs.make("machine") if cgs.kind else None
     m = None
     try:
-        m = Machine(cgs, cg, workdir, alpnd_args)
+        m = Machine(cgs, cg, workdir, alpnd_args, alpnd)
         pre = m.client_prefix()
         base = ["-a", CT_ADDR]
 
