@@ -1123,7 +1123,7 @@ def test_hello_timeout_above_the_responders_limit_is_a_usage_error():
     assert r.returncode == 64 and b"3600" in r.stderr, r
 
 
-# ------------------------------------------------ found in review, kept fixed
+# --- relay: several backend addresses, urgent data, resets --------------------
 
 def _read_to_eof(s, limit=None):
     """Everything s sends until EOF (or until limit bytes)."""
@@ -1308,6 +1308,8 @@ def _one_acme_connection(addr):
         except OSError:
             pass
 
+
+# --- listening-socket mode: signals, the responder, backends at start ---------
 
 def test_listening_mode_exits_idle_even_if_sigchld_was_ignored(tmp_path):
     """An inherited SIGCHLD=SIG_IGN would reap responders unseen and keep
@@ -1553,3 +1555,28 @@ def test_out_of_descriptors_sheds_without_spinning(activate, echo_backend):
     os.kill(pid, signal.SIGTERM)
     assert a.proc.wait(10) == 0
     assert re.search(r"\d+ short of descriptors", a.text())
+
+
+def test_early_ends_are_logged_within_a_budget(activate, echo_backend):
+    """Connections that end before their ClientHello (what a flood is
+    made of) get a line each up to a budget per 10 s; the rest are counted
+    in one summary line, so the journal stays bounded."""
+    be = echo_backend("echo")
+    a = activate(["--fallback", be.addr, "--acme", "127.0.0.1:9",
+                  "--exit-idle", "30", "--max-per-source", "0",
+                  "--drain", "1"], mode="listen")
+    n = 200
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", a.port))
+        s.close()               # silent: "closed before any data"
+    assert exchange(a.port, b"real") == b"real"
+    wait_for(lambda: len(a.lines()) >= 51, 10, "the budget of early lines")
+    os.kill(a.proc.pid, signal.SIGTERM)
+    assert a.proc.wait(10) == 0
+    text = a.text()
+    early = [x for x in a.lines() if x["result"] == "closed before any data"]
+    assert len(early) == 50, len(early)
+    m = re.search(r"(\d+) more connections that ended without a complete "
+                  r"ClientHello", text)
+    assert m and int(m.group(1)) == n - 50, text[-2000:]
+    assert any(x["result"] == "ok" for x in a.lines())
