@@ -1,9 +1,12 @@
 #!/usr/bin/python3
 """tests/bench/plot.py RESULTS.json OUTDIR [SUFFIX] - draw bench.svg and bench.png.
 
-Four panels, every bar a target of the same run: connections/s as a ratio
-to direct at each concurrency, latency added at c=1, bulk throughput as a
-ratio to direct, and memory per held connection.  Whiskers span the rounds
+Panels, every bar a target of the same run: connections/s as a ratio
+to direct at each concurrency, relay CPU per connection, latency added at
+c=1, bulk throughput as a ratio to direct, memory per held connection, and
+the rows under a real systemd (systemd-nspawn machine): connections/s
+ratios beside the same relay's under systemd-socket-activate, and CPU per
+connection of the relay, of the machine's PID 1 and of the whole machine.  Whiskers span the rounds
 (min..max); dashed lines are the targets from DESIGN.md.
 """
 
@@ -35,7 +38,7 @@ def bars(ax, names, S, keys, labels, title, ylabel, lines=()):
             lo.append(v - mn if mn is not None else 0)
             hi.append(mx - v if mx is not None else 0)
             cols.append(COLORS.get(s["group"], "#999999"))
-        alpha = 1.0 - 0.3 * i
+        alpha = 1.0 - min(0.3, 0.75 / max(n - 1, 1)) * i
         ax.bar(xs, ys, width * 0.95, color=cols, alpha=alpha,
                yerr=[lo, hi], capsize=2, ecolor="black", label=lab,
                edgecolor="black", linewidth=0.3)
@@ -55,13 +58,52 @@ def bars(ax, names, S, keys, labels, title, ylabel, lines=()):
     ax.tick_params(axis="y", labelsize=7)
 
 
+def systemd_panels(axs, S, SS, sysd, cs):
+    lab, twin = sysd.get("labels", {}), sysd.get("twin", {})
+    names = [n for n in ("direct", "nginx", "listen", "perconn")
+             if n in SS and not SS[n].get("broken")]
+    group = {"direct": "limit", "nginx": "peer", "listen": "alpnd", "perconn": "alpnd"}
+    # one bar group per row: systemd at c=1/8/32, then s-s-a at c=1/8/32
+    P = {}
+    for n in names:
+        p = {"label": lab.get(n, n), "group": group[n]}
+        for c in cs:
+            for k in ("", "_min", "_max"):
+                p["sd_c%d%s" % (c, k)] = SS[n].get("rate_ratio_c%d%s" % (c, k))
+                p["ssa_c%d%s" % (c, k)] = S.get(twin.get(n), {}).get(
+                    "rate_ratio_c%d%s" % (c, k))
+        for k in ("relay", "pid1", "machine"):
+            p[k] = SS[n].get("%s_us_c8" % k)
+        P[n] = p
+    keys = ["sd_c%d" % c for c in cs] + ["ssa_c%d" % c for c in cs]
+    top = max([v for p in P.values() for k, v in p.items()
+               if k[:3] in ("sd_", "ssa") and v is not None] or [1.0])
+    if top > 2.0:       # a load spike on direct: do not squash the rest
+        for p in P.values():
+            for k, v in p.items():
+                if k[:3] in ("sd_", "ssa") and v is not None:
+                    p[k] = min(v, 2.0)
+        axs[0].text(0.01, 0.97, "bars cut at 2.0 (max %.2f)" % top,
+                    transform=axs[0].transAxes, fontsize=7, va="top")
+    bars(axs[0], names, P, keys,
+         ["systemd c=%d" % c for c in cs] + ["s-s-a c=%d" % c for c in cs],
+         "Under a real systemd (nspawn): conn/s ratio to direct, beside "
+         "systemd-socket-activate", "x direct", [(1.0, "1.00")])
+    bars(axs[1], names, P, ["relay", "pid1", "machine"],
+         ["relay (+ PID 1's reaped children)", "PID 1 itself", "whole machine"],
+         "Under a real systemd: CPU per connection (c=8)", "microseconds (log)")
+    axs[1].set_yscale("symlog", linthresh=100)
+
+
 def main():
     res = json.load(open(sys.argv[1]))
     out = sys.argv[2]
     S = res["summary"]
     cfg = res["config"]
     names = [n for n in res["order"] if not S[n].get("broken")]
-    fig, axs = plt.subplots(3, 2, figsize=(15, 15))
+    sysd = res.get("systemd", {})
+    SS = sysd.get("summary") or {}
+    fig, axs = plt.subplots(4 if SS else 3, 2, figsize=(15, 20 if SS else 15))
     cs = cfg["concs"]
     bars(axs[0][0], names, S, ["rate_ratio_c%d" % c for c in cs],
          ["c=%d" % c for c in cs],
@@ -96,6 +138,8 @@ def main():
          ["PSS (user)", "memcg (user + kernel)"],
          "Memory per held connection (%d idle)" % cfg["hold"], "KiB",
          [(128, "128 KiB")])
+    if SS:
+        systemd_panels(axs[3], S, SS, sysd, cs)
     fig.suptitle("alpnd make bench - %s - %d round(s), %s" % (
         res["meta"].get("cpus", ""), cfg["rounds"],
         "quick" if cfg.get("quick") else "full"), fontsize=11)

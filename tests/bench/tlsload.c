@@ -1,7 +1,9 @@
 /*
  * tlsload - the load generator and helpers used by tests/bench/run.
  *
- *   tlsload rate  -p PORT -c CONC -d SECS [-w WARMUP] [-u PATH] [-m MINBYTES]
+ *   tlsload rate  [-a IPV4] -p PORT -c CONC -d SECS [-w WARMUP] [-u PATH] [-m MINBYTES]
+ *	(-a: the server's IPv4 address for rate, bulk, rawbulk and hold;
+ *	default 127.0.0.1)
  *	new TLS connection per request (full handshake, no resumption),
  *	"GET PATH" with Connection: close, read to EOF; CONC threads.
  *	Counts completions inside the window after WARMUP, records each
@@ -58,6 +60,7 @@
 
 static void	usage(void);
 static int	port;
+static struct in_addr host = { .s_addr = 0 };	/* 0: loopback */
 static int	conc = 1;
 static double	secs = 3, warmup = 0.5;
 static const char *path = "/small";
@@ -92,7 +95,7 @@ tcp_connect(int p)
 	memset(&sin, 0, sizeof(sin));
 	sin.sin_family = AF_INET;
 	sin.sin_port = htons(p);
-	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	sin.sin_addr.s_addr = host.s_addr ? host.s_addr : htonl(INADDR_LOOPBACK);
 	if (connect(fd, (struct sockaddr *)&sin, sizeof(sin)) == -1) {
 		close(fd);
 		return -1;
@@ -667,8 +670,12 @@ main(int argc, char *argv[])
 	mode = argv[1];
 	argv++;
 	argc--;
-	while ((ch = getopt(argc, argv, "c:d:f:m:n:p:u:w:")) != -1) {
+	while ((ch = getopt(argc, argv, "a:c:d:f:m:n:p:u:w:")) != -1) {
 		switch (ch) {
+		case 'a':
+			if (inet_pton(AF_INET, optarg, &host) != 1)
+				usage();
+			break;
 		case 'c': conc = atoi(optarg); break;
 		case 'd': secs = atof(optarg); break;
 		case 'f': file = optarg; break;
