@@ -30,12 +30,14 @@
 
 #define ACCEPT_BATCH	64
 #define SUMMARY_US	(10 * SEC)
+#define DRAIN_GRACE	SEC	/* for children, past --drain */
 
 char		 listener_tag, signal_tag;
 
 static void	stop_accepting(int64_t);
 static void	reload(const struct signalfd_siginfo *);
 static void	save_drainers(pid_t);
+static int	signal_setup(void);
 static int	 lfd = -1;	/* the listening socket */
 int		 lfd_nodelay, lfd_oobinline;	/* accepted sockets inherit them */
 static int	 sfd = -1;	/* signalfd: SIGCHLD, SIGTERM, SIGINT, SIGHUP */
@@ -386,6 +388,15 @@ reload(const struct signalfd_siginfo *si)
 		close(lfd);
 		lfd = -1;
 		listen_paused = 0;
+		/*
+		 * A signalfd wakes the epoll set that added it through the
+		 * adder's signal queue: the one inherited is the parent's, and
+		 * our own SIGTERM would never wake us.  A new one of our own.
+		 */
+		(void)epoll_ctl(ep, EPOLL_CTL_DEL, sfd, NULL);
+		close(sfd);
+		if (signal_setup() == -1)
+			die(EX_OSERR, "reload: signalfd: %s", strerror(errno));
 		goto out;
 	}
 	if (argv)			/* the reloader waits for this */
@@ -557,11 +568,27 @@ limits_setup(void)
 	reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
+/* SIGCHLD, SIGTERM, SIGINT, SIGHUP through a signalfd in the epoll set. */
+static int
+signal_setup(void)
+{
+	sigset_t set;
+
+	sigemptyset(&set);
+	sigaddset(&set, SIGCHLD);
+	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGHUP);
+	sigprocmask(SIG_BLOCK, &set, NULL);
+	if ((sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC)) == -1)
+		return -1;
+	return ep_add(sfd, &signal_tag, EPOLLIN);
+}
+
 /* Listening-socket mode, once, before the loop: fd is the socket. */
 void
 listen_start(int fd)
 {
-	sigset_t set;
 	int fl;
 
 	lfd = fd;
@@ -581,17 +608,8 @@ listen_start(int fd)
 		die(EX_OSERR, "epoll_create1: %s", strerror(errno));
 	/* An inherited SIG_IGN would reap children unseen. */
 	signal(SIGCHLD, SIG_DFL);
-	sigemptyset(&set);
-	sigaddset(&set, SIGCHLD);
-	sigaddset(&set, SIGTERM);
-	sigaddset(&set, SIGINT);
-	sigaddset(&set, SIGHUP);
-	sigprocmask(SIG_BLOCK, &set, NULL);
-	if ((sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC)) == -1)
-		die(EX_OSERR, "signalfd: %s", strerror(errno));
-	if (ep_add(sfd, &signal_tag, EPOLLIN) == -1 ||
-	    ep_add(lfd, &listener_tag, EPOLLIN) == -1)
-		die(EX_OSERR, "epoll_ctl: %s", strerror(errno));
+	if (signal_setup() == -1 || ep_add(lfd, &listener_tag, EPOLLIN) == -1)
+		die(EX_OSERR, "signals: %s", strerror(errno));
 	logmsg(LOG_DEBUG, "listening-socket mode on fd %d", lfd);
 }
 
@@ -602,8 +620,13 @@ listen_deadline(int64_t d, int64_t idle_since)
 	if (run_state == RUNNING && opt->exit_idle >= 0 && nconn == 0 &&
 	    idle_since + opt->exit_idle < d)
 		d = idle_since + opt->exit_idle;
-	if (run_state == STOPPING && drain_at < d)
-		d = drain_at;
+	if (run_state == STOPPING) {
+		int64_t t = now_us() < drain_at ? drain_at :
+		    drain_at + DRAIN_GRACE;
+
+		if (t < d)
+			d = t;
+	}
 	if (listen_paused && resume_at < d)
 		d = resume_at;
 	if (over.log_at && over.log_at < d)
@@ -629,13 +652,17 @@ listen_tick(int64_t now, int64_t *idle_since)
 	if (run_state != RUNNING) {
 		if (nconn == 0 && !children())
 			return 1;
-		if (run_state == STOPPING && now >= drain_at) {
+		if (run_state == STOPPING && now >= drain_at && nconn > 0) {
 			logmsg(LOG_WARNING, "stopping: %zu connections cut "
 			    "after the drain (--drain %lld s)", nconn,
 			    (long long)(opt->drain / SEC));
 			return 1;
 		}
-		return 0;
+		/*
+		 * Only children left: a reload's, draining by the same clock
+		 * (each counts what it cuts), or a responder: a little longer.
+		 */
+		return run_state == STOPPING && now >= drain_at + DRAIN_GRACE;
 	}
 	if (nconn > 0 || (opt->exit_idle >= 0 && children())) {
 		*idle_since = now;
