@@ -85,6 +85,11 @@ build/asan/parse_test: tests/parse_test.c alpnparse.c alpnparse.h
 	@mkdir -p build/asan
 	$(CC) $(ALL_CFLAGS) $(SAN) -I. -o $@ tests/parse_test.c alpnparse.c
 
+# The attacker of the attack suite (tests/test_attack.py, make bench-attack).
+build/attack: tests/attack.c
+	@mkdir -p build
+	$(CC) $(ALL_CFLAGS) -o $@ tests/attack.c
+
 build/parse_bench: tests/parse_bench.c alpnparse.c alpnparse.h
 	@mkdir -p build
 	$(CC) -std=c11 $(DEFS) $(WARN) -O2 -I. -o $@ tests/parse_bench.c alpnparse.c
@@ -103,7 +108,7 @@ deps:
 asan: build/asan/alpnd build/asan/alpnd-respond build/asan/parse_test
 
 check: deps
-	@$(MAKE) --no-print-directory all asan build/parse_test build/parse_bench build/fuzz_hello build/fuzz_proxy
+	@$(MAKE) --no-print-directory all asan build/parse_test build/parse_bench build/attack build/fuzz_hello build/fuzz_proxy
 	@tests/run
 
 # libFuzzer over both parsers; the corpus lives under tests/corpus/.
