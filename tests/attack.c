@@ -337,6 +337,10 @@ main(int argc, char *argv[])
 				    MSG_DONTWAIT | MSG_NOSIGNAL) == 1) {
 					c->sent++;
 					sent_total++;
+				} else if (errno == ECONNRESET || errno == EPIPE) {
+					/* the reset is ours to count, not recv's */
+					closed(c, C_RST, now);
+					continue;
 				}
 				c->next = now + trickle_us;
 			}

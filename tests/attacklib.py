@@ -218,17 +218,19 @@ def cpu_secs(pid, pids=()):
 
 
 class Sampler(threading.Thread):
-    """Every `every` seconds: descriptors and memory of a process tree."""
+    """Every `every` seconds: descriptors and memory of a process, or of
+    it and every process below it (tree=True)."""
 
-    def __init__(self, pid, every=0.2, limit=3000):
+    def __init__(self, pid, every=0.2, limit=3000, tree=False):
         super().__init__(daemon=True)
         self.pid, self.every, self.limit = pid, every, limit
+        self.tree = tree
         self.samples = []
         self.stop_ev = threading.Event()
 
     def run(self):
         while not self.stop_ev.is_set() and len(self.samples) < self.limit:
-            pids = children_of(self.pid)
+            pids = children_of(self.pid) if self.tree else [self.pid]
             self.samples.append({"t": time.monotonic(),
                                  "fds": fd_count(pids),
                                  "rss": sum(status_kib(p) for p in pids),
@@ -329,7 +331,7 @@ class Prober(threading.Thread):
         if not xs:
             return None
         return {"n": len(xs), "p50": xs[len(xs) // 2] * 1000,
-                "max": xs[-1] * 1000}
+                "p90": xs[len(xs) * 9 // 10] * 1000, "max": xs[-1] * 1000}
 
 
 def loadavg():

