@@ -115,6 +115,13 @@ check: deps
 fuzz: build/fuzz_hello build/fuzz_proxy
 	tests/fuzz-run $(FUZZ_SECONDS)
 
+# alpnd, nginx stream and HAProxy under the same attack (tests/bench/attack):
+# a few minutes, not part of `make bench`.
+bench-attack:
+	@tests/deps build check bench
+	@$(MAKE) --no-print-directory all build/attack
+	@tests/bench/attack
+
 bench-parse: build/parse_bench
 	build/parse_bench
 
@@ -165,7 +172,7 @@ uninstall:
 clean:
 	rm -rf $(PROGS) build
 
-.PHONY: all asan check fuzz bench bench-parse demo deps install uninstall clean
+.PHONY: all asan check fuzz bench bench-attack bench-parse demo deps install uninstall clean
 
 # valgrind memcheck over the main paths (relay, ACME exec, bad hello,
 # PROXY, deadline, listening mode): slow, so not part of `make check`.

@@ -289,7 +289,7 @@ def test_full_table(activate, nginx, tmp_path):
         atk.kill()
     st = {k: prober.stats(k) for k, _ in s.probes}
     print("\nfull table: --max-conn %d, %d attack connections; probes "
-          "p50/max: %s; errors %d: %s" % (max_conn, conns, fmt_stats(st),
+          "p50/p90/max: %s; errors %d: %s" % (max_conn, conns, fmt_stats(st),
                                           len(prober.errors),
                                           prober.errors[:3]))
     if prober.errors and all("ConnectionResetError" in e and
