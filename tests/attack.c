@@ -4,6 +4,7 @@
  *
  *   attack -t IP:PORT [-s FIRST-SOURCE] [-n SOURCES] [-c CONNS] [-r RATE]
  *          [-m idle|trickle] [-H HELLO-FILE] [-i TRICKLE-MS] [-d SECS]
+ *          [-L LATE-MS]
  *
  * Opens CONNS connections to IP:PORT (IPv4), spread round-robin over
  * SOURCES source addresses counted up from FIRST-SOURCE (127.1.0.1 by
@@ -21,6 +22,11 @@
  * with a FIN and with a reset, their lifetimes from connect(2) to the
  * close seen here, in milliseconds (N, then min, median, 99th, max):
  *   fin_ms=N/MIN/P50/P99/MAX rst_ms=N/MIN/P50/P99/MAX
+ *   late_ms=N/MIN/P50/P99/MAX soon_ms=N/MIN/P50/P99/MAX
+ * late / soon: the closes (FIN or reset) after LATE-MS (default 1000) and
+ * before.  A trickled byte that crosses the server's FIN on the way makes
+ * the server answer with a reset, which recv(2) may report first: what
+ * was closed at a deadline is told by its lifetime, not by FIN or reset.
  * Exit status 0, or 64 for a usage error, 71 for a system error.
  *
  * Copyright (c) 2026 the alpnd authors.  ISC licence, see LICENSE.
@@ -57,8 +63,10 @@ struct conn {
 };
 
 static struct conn	*conns;
-static int64_t		*fin_life, *rst_life;
+static int64_t		*fin_life, *rst_life, *late_life, *soon_life;
+static int64_t		 late_us = 1000000;
 static size_t		 nfin, nrst, nfailed, nopen, maxopen, nconnecting;
+static size_t		 nlate, nsoon;
 static unsigned long long sent_total;
 
 int	main(int, char *[]);
@@ -78,7 +86,7 @@ usage(void)
 	fputs("usage: attack -t IP:PORT [-s FIRST-SOURCE] [-n SOURCES] "
 	    "[-c CONNS] [-r RATE]\n"
 	    "              [-m idle|trickle] [-H HELLO-FILE] [-i TRICKLE-MS] "
-	    "[-d SECS]\n", stderr);
+	    "[-d SECS] [-L LATE-MS]\n", stderr);
 	exit(64);
 }
 
@@ -119,6 +127,8 @@ report(const char *tag, int64_t t0, int64_t now)
 	if (strcmp(tag, "done") == 0) {
 		quantiles("fin_ms", fin_life, nfin);
 		quantiles("rst_ms", rst_life, nrst);
+		quantiles("late_ms", late_life, nlate);
+		quantiles("soon_ms", soon_life, nsoon);
 	}
 	putchar('\n');
 	fflush(stdout);
@@ -137,6 +147,12 @@ closed(struct conn *c, enum cstate how, int64_t now)
 		rst_life[nrst++] = now - c->t0;
 	else
 		nfailed++;
+	if (how == C_FIN || how == C_RST) {
+		if (now - c->t0 >= late_us)
+			late_life[nlate++] = now - c->t0;
+		else
+			soon_life[nsoon++] = now - c->t0;
+	}
 	c->st = how;
 	close(c->fd);	/* also takes it out of the epoll set */
 	c->fd = -1;
@@ -249,7 +265,7 @@ main(int argc, char *argv[])
 	char *colon;
 	int ep, ch, n, trickle, fd;
 
-	while ((ch = getopt(argc, argv, "t:s:n:c:r:m:H:i:d:")) != -1) {
+	while ((ch = getopt(argc, argv, "t:s:n:c:r:m:H:i:d:L:")) != -1) {
 		switch (ch) {
 		case 't': target = optarg; break;
 		case 's': first = optarg; break;
@@ -260,6 +276,7 @@ main(int argc, char *argv[])
 		case 'H': hello_file = optarg; break;
 		case 'i': trickle_us = strtoll(optarg, NULL, 10) * 1000; break;
 		case 'd': secs = strtod(optarg, NULL); break;
+		case 'L': late_us = strtoll(optarg, NULL, 10) * 1000; break;
 		default: usage();
 		}
 	}
@@ -299,7 +316,9 @@ main(int argc, char *argv[])
 	}
 	if ((conns = calloc(nconns, sizeof(*conns))) == NULL ||
 	    (fin_life = calloc(nconns, sizeof(*fin_life))) == NULL ||
-	    (rst_life = calloc(nconns, sizeof(*rst_life))) == NULL)
+	    (rst_life = calloc(nconns, sizeof(*rst_life))) == NULL ||
+	    (late_life = calloc(nconns, sizeof(*late_life))) == NULL ||
+	    (soon_life = calloc(nconns, sizeof(*soon_life))) == NULL)
 		die("calloc");
 	if ((ep = epoll_create1(EPOLL_CLOEXEC)) == -1)
 		die("epoll_create1");

@@ -25,7 +25,8 @@ TICK_RE = re.compile(
     r"^(?P<tag>tick|done) t=(?P<t>[0-9.]+) open=(?P<open>\d+) "
     r"maxopen=(?P<maxopen>\d+) connecting=(?P<connecting>\d+) "
     r"fin=(?P<fin>\d+) rst=(?P<rst>\d+) failed=(?P<failed>\d+) "
-    r"sent=(?P<sent>\d+)(?: fin_ms=(?P<fin_ms>\S+) rst_ms=(?P<rst_ms>\S+))?$")
+    r"sent=(?P<sent>\d+)(?: fin_ms=(?P<fin_ms>\S+) rst_ms=(?P<rst_ms>\S+) "
+    r"late_ms=(?P<late_ms>\S+) soon_ms=(?P<soon_ms>\S+))?$")
 
 
 def nofile_hard():
@@ -135,6 +136,10 @@ class Attack:
         out["t"] = max(float(d["t"]) for d in self.done)
         out["fin_ms"] = _merge_quant(_quant(d["fin_ms"]) for d in self.done)
         out["rst_ms"] = _merge_quant(_quant(d["rst_ms"]) for d in self.done)
+        out["late_ms"] = _merge_quant(_quant(d["late_ms"]) for d in self.done)
+        out["soon_ms"] = _merge_quant(_quant(d["soon_ms"]) for d in self.done)
+        for k in ("late", "soon"):
+            out[k] = out[k + "_ms"]["n"] if out[k + "_ms"] else 0
         out["rc"] = [p.returncode for p in self.procs]
         out["stderr"] = errs
         return out

@@ -206,11 +206,12 @@ def test_attack(activate, nginx, tmp_path, mode, sources):
     st = {k: prober.stats(k) for k, _ in s.probes}
     held = conns if sources == 64 else per_source
     print("\nattack %s x%d: %d connections in %.1f s; alpnd held %d "
-          "(peak %d fds), %d fin, %d rst; fin ms %s; rst ms %s; "
+          "(peak %d fds), %d fin, %d rst; closed late (ms) %s; at once "
+          "(ms) %s; "
           "alpnd CPU %.2f s (%.0f us/conn); RSS %d -> %d -> %d KiB; "
           "fds %d -> %d; probes p50/p90/max: %s; nice %s; load %s"
           % (mode, sources, conns, res["t"], held, sampler.peak("fds"),
-             res["fin"], res["rst"], res["fin_ms"], res["rst_ms"], cpu,
+             res["fin"], res["rst"], res["late_ms"], res["soon_ms"], cpu,
              cpu / conns * 1e6, s.rss0, sampler.peak("rss"), rss1, s.fds0,
              fds1, fmt_stats(st), s.nice, AL.loadavg()))
 
@@ -220,14 +221,17 @@ def test_attack(activate, nginx, tmp_path, mode, sources):
     # what alpnd took was closed at the deadline (counted from accept;
     # from connect(2) here, so later by the time in the accept queue),
     # never before it (a batch of events shares one clock reading)
-    assert res["fin"] == held and res["rst"] == conns - held, res
-    fin = res["fin_ms"]
-    assert fin["min"] >= DEADLINE * 1000 - 250, fin
-    assert fin["p50"] <= DEADLINE * 1000 + 1000, fin
-    assert fin["max"] <= DEADLINE * 1000 + 3000, fin
-    # what went over a bound, at once
-    if res["rst"]:
-        assert res["rst_ms"]["p99"] <= 1000, res["rst_ms"]
+    # (told by lifetime: a trickled byte crossing alpnd's FIN may make the
+    # attacker see a reset first; see tests/attack.c)
+    assert res["late"] == held and res["soon"] == conns - held, res
+    late = res["late_ms"]
+    assert late["min"] >= DEADLINE * 1000 - 250, late
+    assert late["p50"] <= DEADLINE * 1000 + 1000, late
+    assert late["max"] <= DEADLINE * 1000 + 3000, late
+    # what went over a bound: at once, with a reset
+    if res["soon"]:
+        assert res["soon_ms"]["p99"] <= 500, res["soon_ms"]
+        assert res["rst"] >= res["soon"], res
     # alpnd held them all at once (sampled every 0.25 s)
     assert sampler.peak("fds") >= s.fds0 + held * 0.95, sampler.peak("fds")
     if mode == "trickle":
