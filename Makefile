@@ -30,10 +30,12 @@ SAN		= -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-po
 FUZZ_SECONDS	?= 60
 
 PROGS		= alpnd alpnd-respond
-ALPND_SRC	= alpnd.c alpnparse.c sources.c
+ALPND_SRC	= alpnd.c listen.c conn.c handoff.c relay.c loop.c addr.c log.c sources.c shared.c alpnparse.c
+RESPOND_SRC	= respond.c shared.c alpnparse.c
 # Installed into DOCDIR/examples; placeholders substituted like the units'.
 EXAMPLES	= default-alpnd dehydrated-hook haproxy-backend.cfg nginx-backend.conf \
-		  tcpserver-run uacme-hook xinetd.alpnd
+		  tcpserver-run uacme-hook xinetd.alpnd \
+		  alpnd-edge.conf alpnd-side.nft alpnd-side.service alpnd-side.socket
 SUBST		= sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
 		  -e 's|@DOCDIR@|$(DOCDIR)|g'
 
@@ -42,40 +44,48 @@ all: $(PROGS)
 # The router runs once per connection: libc only, nothing else linked, and
 # linked statically (static-pie keeps ASLR): no ld.so work at every start,
 # measured ~0.13 ms CPU less per connection than the dynamic binary.
-# glibc's linker warns about getaddrinfo (used only for hostname backends;
-# it needs the same glibc's NSS modules at run time).  ALPND_LINK= for a
-# dynamic build.  glibc's own start-up still costs ~0.6 ms CPU here (dozens
-# of CPUID instructions, each a VM exit); `make ALPND_LIBC=musl` (needs
-# musl-tools; make clean first) builds a static-pie alpnd against musl:
-# ~0.25 ms CPU per relayed connection in all instead of ~0.9 ms.  So musl
-# is the default wherever musl-gcc is installed (tests/deps build installs
-# musl-tools); ALPND_LIBC=glibc forces glibc.
-ALPND_LIBC	?= $(if $(shell command -v musl-gcc 2>/dev/null),musl,glibc)
+# The C library is a choice, not a guess from what is installed:
+#   ALPND_LIBC=musl (the default; Debian's musl-tools): a static-pie alpnd
+#     against musl, ~0.25 ms CPU per relayed connection in all, against
+#     ~0.9 ms with glibc, whose own start-up runs dozens of CPUID
+#     instructions (each a VM exit on a virtual machine).
+#   ALPND_LIBC=glibc: static-pie against glibc (its linker warns about
+#     getaddrinfo, used only for backend names: it needs the same glibc's
+#     NSS modules at run time).  ALPND_LINK= for a dynamic build.
+# make clean when switching.
+ALPND_LIBC	?= musl
 ifeq ($(ALPND_LIBC),musl)
-MUSL_DIR	?= $(shell sed -n 's|.*-specs "\(.*\)/musl-gcc.specs".*|\1|p' "$$(command -v musl-gcc)")
+MUSL_GCC	= $(shell command -v musl-gcc 2>/dev/null)
+MUSL_DIR	?= $(if $(MUSL_GCC),$(shell sed -n 's|.*-specs "\(.*\)/musl-gcc.specs".*|\1|p' "$(MUSL_GCC)"))
 ALPND_CC	= musl-gcc
 ALPND_LINK	= -nostartfiles -Wl,-static,--no-dynamic-linker,-z,text \
 		  $(MUSL_DIR)/rcrt1.o $(MUSL_DIR)/crti.o $(shell $(CC) -print-file-name=crtbeginS.o)
 ALPND_LINK_END	= $(shell $(CC) -print-file-name=crtendS.o) $(MUSL_DIR)/crtn.o
-else
+ALPND_CHECK	= @test -n "$(MUSL_GCC)" || { echo "alpnd: ALPND_LIBC=musl (the default) needs musl-gcc:" \
+		  "apt-get install musl-tools, or make ALPND_LIBC=glibc" >&2; exit 1; }
+else ifeq ($(ALPND_LIBC),glibc)
 ALPND_CC	= $(CC)
 ALPND_LINK	?= -static-pie
 ALPND_LINK_END	=
+ALPND_CHECK	= @:
+else
+$(error ALPND_LIBC=$(ALPND_LIBC): expected musl or glibc)
 endif
-alpnd: $(ALPND_SRC) alpnparse.h sources.h
+alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h shared.h
+	$(ALPND_CHECK)
 	$(ALPND_CC) $(ALL_CFLAGS) $(LDHARDEN) $(ALPND_LINK) $(LDFLAGS) -o $@ $(ALPND_SRC) $(ALPND_LINK_END)
 
-alpnd-respond: respond.c alpnparse.c alpnparse.h
-	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ respond.c alpnparse.c $(TLS_LIBS)
+alpnd-respond: $(RESPOND_SRC) alpnparse.h shared.h
+	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ $(RESPOND_SRC) $(TLS_LIBS)
 
 # Sanitizer builds of everything, used by `make check` and the hostile suite.
-build/asan/alpnd: $(ALPND_SRC) alpnparse.h sources.h
+build/asan/alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h shared.h
 	@mkdir -p build/asan
 	$(CC) $(ALL_CFLAGS) $(SAN) -o $@ $(ALPND_SRC)
 
-build/asan/alpnd-respond: respond.c alpnparse.c alpnparse.h
+build/asan/alpnd-respond: $(RESPOND_SRC) alpnparse.h shared.h
 	@mkdir -p build/asan
-	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(SAN) -o $@ respond.c alpnparse.c $(TLS_LIBS)
+	$(CC) $(ALL_CFLAGS) $(TLS_CFLAGS) $(SAN) -o $@ $(RESPOND_SRC) $(TLS_LIBS)
 
 build/parse_test: tests/parse_test.c alpnparse.c alpnparse.h
 	@mkdir -p build
@@ -102,17 +112,22 @@ build/fuzz_proxy: tests/fuzz_proxy.c alpnparse.c alpnparse.h
 	@mkdir -p build
 	$(CLANG) -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined -o $@ tests/fuzz_proxy.c alpnparse.c
 
+build/fuzz_proxy_build: tests/fuzz_proxy_build.c alpnparse.c alpnparse.h
+	@mkdir -p build
+	$(CLANG) -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined -o $@ tests/fuzz_proxy_build.c alpnparse.c
+
 deps:
 	@tests/deps build check
 
 asan: build/asan/alpnd build/asan/alpnd-respond build/asan/parse_test
 
 check: deps
-	@$(MAKE) --no-print-directory all asan build/parse_test build/parse_bench build/attack build/fuzz_hello build/fuzz_proxy
+	@$(MAKE) --no-print-directory all asan build/parse_test build/parse_bench build/attack build/fuzz_hello build/fuzz_proxy build/fuzz_proxy_build
 	@tests/run
 
-# libFuzzer over both parsers; the corpus lives under tests/corpus/.
-fuzz: build/fuzz_hello build/fuzz_proxy
+# libFuzzer over both parsers and the PROXY builder (round trip through
+# the parser); the corpus lives under tests/corpus/.
+fuzz: build/fuzz_hello build/fuzz_proxy build/fuzz_proxy_build
 	tests/fuzz-run $(FUZZ_SECONDS)
 
 # alpnd, nginx stream and HAProxy under the same attack (tests/bench/attack):
@@ -127,7 +142,7 @@ bench-parse: build/parse_bench
 
 demo:
 	@tests/deps build demo
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory all ALPND_LIBC=$(ALPND_LIBC)
 	@contrib/demo.sh
 
 bench:
@@ -177,7 +192,7 @@ clean:
 # valgrind memcheck over the main paths (relay, ACME exec, bad hello,
 # PROXY, deadline, listening mode): slow, so not part of `make check`.
 # memcheck needs a dynamic alpnd (it replaces malloc in libc.so).
-build/valgrind/alpnd: $(ALPND_SRC) alpnparse.h sources.h
+build/valgrind/alpnd: $(ALPND_SRC) alpnparse.h sources.h router.h shared.h
 	@mkdir -p build/valgrind
 	$(CC) $(ALL_CFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ $(ALPND_SRC)
 

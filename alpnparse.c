@@ -127,17 +127,17 @@ alpn_valid_hostname(const uint8_t *s, size_t len)
 }
 
 /*
- * RFC 6066 section 3: ServerNameList <1..2^16-1> of ServerName entries;
- * exactly one host_name; the encoding of other NameTypes is unknown, so
- * they cannot be skipped safely and are rejected.  One trailing dot is
- * tolerated (some clients send it); the view keeps it.
+ * RFC 6066 section 3: ServerNameList <1..2^16-1> of ServerName entries, no
+ * name_type twice; HostName <1..2^16-1>.  Exactly one entry, a host_name:
+ * the encoding of other NameTypes is unknown, so they cannot be skipped
+ * safely and are rejected (as OpenSSL does).  The name's bytes are not
+ * judged here (see alpnparse.h): the view is exactly what was sent.
  */
 static int
 parse_sni(struct cbs *ext, struct alpn_hello *h)
 {
 	struct cbs list, name;
 	uint8_t type;
-	size_t n;
 
 	if (!cbs_prefixed16(ext, &list) || ext->len != 0 || list.len == 0)
 		return 0;
@@ -148,11 +148,6 @@ parse_sni(struct cbs *ext, struct alpn_hello *h)
 			return 0;
 		if (h->sni != NULL)
 			return 0;		/* more than one host_name */
-		n = name.len;
-		if (name.p[n - 1] == '.')
-			n--;
-		if (!alpn_valid_hostname(name.p, n))
-			return 0;
 		h->sni = name.p;
 		h->sni_len = name.len;
 	}
@@ -212,8 +207,10 @@ parse_extensions(struct cbs *exts, struct alpn_hello *h)
 
 	memset(seen, 0, sizeof(seen));
 	while (exts->len > 0) {
+		h->bad_ext = -1;	/* a fault in the block, not in one */
 		if (!cbs_u16(exts, &type) || !cbs_prefixed16(exts, &ext))
 			return 0;
+		h->bad_ext = type;
 		if (seen[type / 64] & (UINT64_C(1) << (type % 64)))
 			return 0;
 		seen[type / 64] |= UINT64_C(1) << (type % 64);
@@ -241,6 +238,7 @@ parse_extensions(struct cbs *exts, struct alpn_hello *h)
 		if (!ok)
 			return 0;
 	}
+	h->bad_ext = -1;
 	return 1;
 }
 
@@ -272,6 +270,28 @@ parse_client_hello(struct cbs *body, struct alpn_hello *h)
 }
 
 /*
+ * The ClientHello message body, whichever way it arrived: the one step
+ * both entry points share.  On failure the views are cleared, so no
+ * caller can use a half-parsed hello.
+ */
+static enum alpn_status
+parse_message(const uint8_t *body, size_t len, struct alpn_hello *h)
+{
+	struct cbs msg;
+
+	h->hello_len = TLS_HS_HDR + len;
+	cbs_init(&msg, body, len);
+	if (h->hello_len > ALPN_HELLO_MAX || !parse_client_hello(&msg, h)) {
+		int bad_ext = h->bad_ext;
+
+		memset(h, 0, offsetof(struct alpn_hello, scratch));
+		h->bad_ext = bad_ext;
+		return ALPN_BAD;
+	}
+	return ALPN_OK;
+}
+
+/*
  * RFC 8446 section 5.1: a handshake message may be fragmented over several
  * records of type handshake; no other type may be interleaved; records are
  * 1..2^14 bytes.  The ClientHello must end exactly at a record's end.
@@ -280,13 +300,14 @@ enum alpn_status
 alpn_parse_hello(const uint8_t *buf, size_t len, struct alpn_hello *h,
     size_t *need)
 {
-	struct cbs in, rec, msg;
+	struct cbs in, rec;
 	const uint8_t *hs;
 	uint16_t rlen;
 	uint8_t type, major, minor;
 	size_t have = 0, mlen = 0, off, n;
 
 	memset(h, 0, offsetof(struct alpn_hello, scratch));
+	h->bad_ext = -1;
 	*need = 0;
 	cbs_init(&in, buf, len);
 	hs = NULL;
@@ -358,19 +379,29 @@ complete:
 	/* The message must end where its last record ends. */
 	if (have != mlen)
 		return ALPN_BAD;
-	h->hello_len = mlen;
-	h->wire_len = len - in.len;
-	cbs_init(&msg, hs + TLS_HS_HDR, mlen - TLS_HS_HDR);
-	if (!parse_client_hello(&msg, h)) {
-		memset(h, 0, offsetof(struct alpn_hello, scratch));
+	if (parse_message(hs + TLS_HS_HDR, mlen - TLS_HS_HDR, h) != ALPN_OK)
 		return ALPN_BAD;
-	}
+	h->wire_len = len - in.len;
 	return ALPN_OK;
 
 more:
 	if (*need > ALPN_WIRE_MAX)
 		return ALPN_BAD;
 	return ALPN_NEED_MORE;
+}
+
+/*
+ * RFC 8446 section 4: the body of a handshake message of type
+ * client_hello, its 4-byte header already taken off (by GnuTLS).
+ */
+enum alpn_status
+alpn_parse_hello_body(const uint8_t *msg, size_t len, struct alpn_hello *h)
+{
+	memset(h, 0, offsetof(struct alpn_hello, scratch));
+	h->bad_ext = -1;
+	if (len > ALPN_HELLO_MAX)	/* keeps 4 + len from wrapping */
+		return ALPN_BAD;
+	return parse_message(msg, len, h);
 }
 
 /* GREASE values (RFC 8701) are 0x?a?a with both bytes equal. */
@@ -444,8 +475,8 @@ parse_ipv4(const uint8_t *s, size_t len, uint8_t out[4])
 	return i == len;
 }
 
-static int
-hexval(uint8_t c)
+int
+alpn_hexval(uint8_t c)
 {
 	if (c >= '0' && c <= '9')
 		return c - '0';
@@ -477,7 +508,7 @@ parse_ipv6(const uint8_t *s, size_t len, uint8_t out[16])
 			return 0;
 		start = i;
 		v = 0;
-		for (digits = 0; i < len && (d = hexval(s[i])) >= 0; digits++) {
+		for (digits = 0; i < len && (d = alpn_hexval(s[i])) >= 0; digits++) {
 			if (digits == 4)
 				return 0;
 			v = v << 4 | d;
@@ -708,4 +739,229 @@ alpn_parse_proxy(const uint8_t *buf, size_t len, struct alpn_proxy *p,
 		return ALPN_NEED_MORE;
 	}
 	return parse_proxy_v1(buf, len, p, need);
+}
+
+/*
+ * Building: the parser's twin.  Writers append to a struct out; what does
+ * not fit is counted but not written, so len > cap means "did not fit".
+ * alpn_build_proxy hands a header to the caller only when it is complete.
+ */
+struct out {
+	uint8_t		*p;
+	size_t		 len, cap;
+};
+
+static void
+out_bytes(struct out *o, const void *s, size_t n)
+{
+	if (o->len <= o->cap && n <= o->cap - o->len)
+		memcpy(o->p + o->len, s, n);
+	o->len += n;
+}
+
+static void
+out_u8(struct out *o, uint8_t v)
+{
+	out_bytes(o, &v, 1);
+}
+
+static void
+out_u16(struct out *o, uint16_t v)
+{
+	uint8_t b[2] = { (uint8_t)(v >> 8), (uint8_t)v };
+
+	out_bytes(o, b, 2);
+}
+
+static void
+out_str(struct out *o, const char *s)
+{
+	out_bytes(o, s, strlen(s));
+}
+
+/* Decimal, no leading zeros: ports and IPv4 octets (section 2.1). */
+static void
+out_dec(struct out *o, unsigned v)
+{
+	char d[5];
+	size_t n = 0;
+
+	do
+		d[sizeof(d) - ++n] = (char)('0' + v % 10);
+	while ((v /= 10) != 0 && n < sizeof(d));
+	out_bytes(o, d + sizeof(d) - n, n);
+}
+
+/* Lower-case hex, no leading zeros: an IPv6 group (RFC 5952 4.1, 4.3). */
+static void
+out_hex16(struct out *o, unsigned v)
+{
+	static const char hex[] = "0123456789abcdef";
+	char d[4];
+	size_t n = 0;
+
+	do
+		d[sizeof(d) - ++n] = hex[v & 0xf];
+	while ((v >>= 4) != 0 && n < sizeof(d));
+	out_bytes(o, d + sizeof(d) - n, n);
+}
+
+static void
+out_ipv4(struct out *o, const uint8_t a[4])
+{
+	int i;
+
+	for (i = 0; i < 4; i++) {
+		if (i > 0)
+			out_u8(o, '.');
+		out_dec(o, a[i]);
+	}
+}
+
+/*
+ * RFC 5952 section 4: the longest run of two or more zero groups (the
+ * first of equal runs) becomes "::"; section 5: an IPv4-mapped address
+ * (::ffff:0:0/96) ends in a dotted quad.  Like glibc's inet_ntop, so is an
+ * IPv4-compatible one (RFC 4291 2.5.5.1, ::/96 with a non-zero 7th group).
+ * The parser reads back every one of these forms.
+ */
+static void
+out_ipv6(struct out *o, const uint8_t a[16])
+{
+	unsigned w[8];
+	int i, run = -1, runlen = 0, cur = -1, curlen = 0;
+
+	for (i = 0; i < 8; i++) {
+		w[i] = (unsigned)a[2 * i] << 8 | a[2 * i + 1];
+		if (w[i] == 0) {
+			if (cur == -1)
+				cur = i;
+			if (++curlen > runlen) {
+				run = cur;
+				runlen = curlen;
+			}
+		} else {
+			cur = -1;
+			curlen = 0;
+		}
+	}
+	if (runlen < 2)
+		run = -1;
+	for (i = 0; i < 8; i++) {
+		if (run != -1 && i >= run && i < run + runlen) {
+			if (i == run)
+				out_u8(o, ':');
+			continue;
+		}
+		if (i > 0)
+			out_u8(o, ':');
+		if (i == 6 && run == 0 &&
+		    (runlen == 6 || (runlen == 5 && w[5] == 0xffff))) {
+			out_ipv4(o, a + 12);
+			return;
+		}
+		out_hex16(o, w[i]);
+	}
+	if (run != -1 && run + runlen == 8)
+		out_u8(o, ':');
+}
+
+/*
+ * proxy-protocol.txt section 2.1: "PROXY", one space, TCP4 or TCP6, the
+ * source and destination addresses (IPv4 dotted decimal without leading
+ * zeros, IPv6 in RFC 4291 text form) and ports (decimal, no leading
+ * zeros), single spaces between, CRLF; "PROXY UNKNOWN" CRLF when the
+ * sender has no addresses to give.
+ */
+static int
+build_proxy_v1(struct out *o, const struct alpn_proxy *p)
+{
+	out_bytes(o, proxy_v1_sig, sizeof(proxy_v1_sig));
+	switch (p->family) {
+	case ALPN_PROXY_UNKNOWN:
+		out_str(o, "UNKNOWN\r\n");
+		return 1;
+	case ALPN_PROXY_TCP4:
+		out_str(o, "TCP4 ");
+		out_ipv4(o, p->src);
+		out_u8(o, ' ');
+		out_ipv4(o, p->dst);
+		break;
+	case ALPN_PROXY_TCP6:
+		out_str(o, "TCP6 ");
+		out_ipv6(o, p->src);
+		out_u8(o, ' ');
+		out_ipv6(o, p->dst);
+		break;
+	default:
+		return 0;
+	}
+	out_u8(o, ' ');
+	out_dec(o, p->sport);
+	out_u8(o, ' ');
+	out_dec(o, p->dport);
+	out_str(o, "\r\n");
+	return 1;
+}
+
+/*
+ * proxy-protocol.txt section 2.2: the 12-byte signature; version 2 in the
+ * high nibble of byte 13 and the command in the low one (0 LOCAL, 1 PROXY);
+ * byte 14 the address family (0 AF_UNSPEC, 1 AF_INET, 2 AF_INET6) over
+ * the transport (0 UNSPEC, 1 STREAM); a 16-bit length of the address block
+ * that follows: source and destination addresses, then ports, network
+ * order (12 bytes for AF_INET, 36 for AF_INET6).  A LOCAL header says "no
+ * client to report": AF_UNSPEC and an empty block, as the spec suggests.
+ */
+static int
+build_proxy_v2(struct out *o, const struct alpn_proxy *p)
+{
+	size_t a;
+
+	out_bytes(o, proxy_v2_sig, sizeof(proxy_v2_sig));
+	switch (p->family) {
+	case ALPN_PROXY_UNKNOWN:
+		out_u8(o, 0x20);		/* v2, LOCAL */
+		out_u8(o, 0x00);		/* AF_UNSPEC, UNSPEC */
+		out_u16(o, 0);
+		return 1;
+	case ALPN_PROXY_TCP4:
+		a = 4;
+		out_u8(o, 0x21);		/* v2, PROXY */
+		out_u8(o, 0x11);		/* AF_INET, STREAM */
+		break;
+	case ALPN_PROXY_TCP6:
+		a = 16;
+		out_u8(o, 0x21);
+		out_u8(o, 0x21);		/* AF_INET6, STREAM */
+		break;
+	default:
+		return 0;
+	}
+	out_u16(o, (uint16_t)(2 * a + 4));
+	out_bytes(o, p->src, a);
+	out_bytes(o, p->dst, a);
+	out_u16(o, p->sport);
+	out_u16(o, p->dport);
+	return 1;
+}
+
+size_t
+alpn_build_proxy(uint8_t *buf, size_t size, int version,
+    const struct alpn_proxy *p)
+{
+	uint8_t tmp[ALPN_PROXY_BUILD_MAX];
+	struct out o = { tmp, 0, sizeof(tmp) };
+	int ok;
+
+	if (version == 1)
+		ok = build_proxy_v1(&o, p);
+	else if (version == 2)
+		ok = build_proxy_v2(&o, p);
+	else
+		ok = 0;
+	if (!ok || o.len > sizeof(tmp) || o.len > size)
+		return 0;
+	memcpy(buf, tmp, o.len);
+	return o.len;
 }

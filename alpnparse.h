@@ -31,8 +31,29 @@ enum alpn_status {
 
 #define ALPN_ACME		"acme-tls/1"
 
+/*
+ * What a well-formed ClientHello is, for both programs (alpnd routes on it,
+ * alpnd-respond refuses anything else with decode_error):
+ *   - the record layer (alpn_parse_hello only): handshake records of
+ *     1..2^14 bytes, nothing else interleaved, the message ending at a
+ *     record's end, at most ALPN_WIRE_MAX wire bytes;
+ *   - the message: type client_hello, at most ALPN_HELLO_MAX bytes with its
+ *     header, legacy_version 3.x, session id <= 32 bytes, a non-empty even
+ *     cipher suite list, at least one compression method, an extension
+ *     block (if any) consumed exactly;
+ *   - extensions: no type twice, pre_shared_key last; server_name: a
+ *     non-empty list holding exactly one entry, of type host_name, with a
+ *     non-empty name; ALPN: a non-empty list of non-empty names;
+ *     supported_versions: an even, non-empty list.
+ * The host name's bytes are reported as sent, never judged: whether they
+ * make a usable name is for the caller (alpnd-respond, with
+ * alpn_valid_hostname, where the name becomes a file name).
+ */
 struct alpn_hello {
-	/* SNI host_name (RFC 6066 section 3), not NUL-terminated; NULL if absent. */
+	/*
+	 * SNI host_name (RFC 6066 section 3) exactly as sent: any bytes (a NUL,
+	 * '/', non-ASCII, a trailing dot), not NUL-terminated; NULL if absent.
+	 */
 	const uint8_t	*sni;
 	size_t		 sni_len;
 	/*
@@ -41,6 +62,14 @@ struct alpn_hello {
 	 */
 	const uint8_t	*alpn;
 	size_t		 alpn_len;
+	/*
+	 * The rest describes what was parsed rather than what alpnd routes
+	 * by (sni, alpn, has_acme; alpnd-respond also reads legacy_version
+	 * and bad_ext).  parse_test.c and fuzz_hello.c hold the parser to
+	 * them: every hello's versions, length and record bytes must come
+	 * out as built, so a parser that skipped or misread a field fails
+	 * there.  alpn_max_version() is for those tests.
+	 */
 	/* supported_versions body (RFC 8446 section 4.2.1): 2-byte versions. */
 	const uint8_t	*versions;
 	size_t		 versions_len;
@@ -49,6 +78,11 @@ struct alpn_hello {
 	int		 has_ech;		/* encrypted_client_hello present */
 	size_t		 hello_len;		/* handshake message length, header incl. */
 	size_t		 wire_len;		/* record bytes that carried it */
+	/*
+	 * On ALPN_BAD, for the log: the type of the extension that was
+	 * malformed or repeated, or -1 when the fault lies elsewhere.
+	 */
+	int		 bad_ext;
 	/*
 	 * Reassembly space when the handshake message spans several records;
 	 * the views above may point here or into the caller's input.
@@ -64,6 +98,17 @@ struct alpn_hello {
 enum alpn_status alpn_parse_hello(const uint8_t *buf, size_t len,
     struct alpn_hello *h, size_t *need);
 
+/*
+ * Parse a ClientHello handshake message body, msg[0..len): the bytes after
+ * the 4-byte handshake header (msg_type, length), as GnuTLS hands them to a
+ * GNUTLS_HANDSHAKE_CLIENT_HELLO hook; no record layer.  Same rules as
+ * alpn_parse_hello (the same code), with 4 + len <= ALPN_HELLO_MAX.
+ * Returns ALPN_OK or ALPN_BAD; on ALPN_OK the views point into msg,
+ * hello_len is 4 + len and wire_len is 0.
+ */
+enum alpn_status alpn_parse_hello_body(const uint8_t *msg, size_t len,
+    struct alpn_hello *h);
+
 /* Highest version offered: supported_versions if present, else legacy. */
 uint16_t alpn_max_version(const struct alpn_hello *h);
 
@@ -74,8 +119,14 @@ uint16_t alpn_max_version(const struct alpn_hello *h);
 int alpn_next_proto(const struct alpn_hello *h, size_t *off,
     const uint8_t **name, size_t *name_len);
 
-/* RFC 1123 LDH host name, <= 253 bytes, no empty label, no trailing dot. */
+/*
+ * RFC 1123 LDH host name, <= 253 bytes, no empty label, no trailing dot.
+ * Not applied by the parsers above: alpnd-respond calls it on the SNI.
+ */
 int alpn_valid_hostname(const uint8_t *s, size_t len);
+
+/* The value of a hex digit (either case), or -1: for IPv6 text and AUTH. */
+int alpn_hexval(uint8_t c);
 
 enum alpn_proxy_family {
 	ALPN_PROXY_UNKNOWN = 0,	/* v1 UNKNOWN, v2 LOCAL or AF_UNSPEC/AF_UNIX */
@@ -98,5 +149,25 @@ struct alpn_proxy {
  */
 enum alpn_status alpn_parse_proxy(const uint8_t *buf, size_t len,
     struct alpn_proxy *p, size_t *need);
+
+/* Longest header alpn_build_proxy writes: a v1 TCP6 line (v2 needs 52). */
+#define ALPN_PROXY_BUILD_MAX	104
+
+/*
+ * The parser's twin: write a PROXY header of version 1 or 2 for p->family,
+ * p->src, p->dst, p->sport, p->dport (p->version, p->local and p->hdr_len
+ * are not read) into buf[0..size).
+ *   TCP4, TCP6:  v1 "PROXY TCP4|TCP6 src dst sport dport\r\n" (IPv6 in
+ *                RFC 5952 form, IPv4-mapped and -compatible ones ending in
+ *                a dotted quad, like glibc's inet_ntop), or a v2 PROXY
+ *                command with an AF_INET/AF_INET6 STREAM block, no TLVs;
+ *   UNKNOWN:     v1 "PROXY UNKNOWN\r\n", or a v2 LOCAL command with an
+ *                AF_UNSPEC, empty block.
+ * Returns the header's length, or 0 (buf untouched) when size is too small
+ * or version or family is not one of the above.  ALPN_PROXY_BUILD_MAX
+ * bytes are always enough.  alpn_parse_proxy gives back what went in.
+ */
+size_t alpn_build_proxy(uint8_t *buf, size_t size, int version,
+    const struct alpn_proxy *p);
 
 #endif /* ALPNPARSE_H */

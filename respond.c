@@ -36,17 +36,17 @@
 #include <gnutls/gnutls.h>
 #include <gnutls/crypto.h>
 #include <gnutls/x509.h>
-#include <systemd/sd-daemon.h>
 #include <systemd/sd-journal.h>
 
 #include "alpnparse.h"
+#include "shared.h"
 
 #define PROG		"alpnd-respond"
 #define ACME_OID	"1.3.6.1.5.5.7.1.31"	/* id-pe-acmeIdentifier, RFC 8737 6.1 */
 #define DIGEST_LEN	32			/* SHA-256 */
 #define NAME_LEN	253			/* RFC 1035 presentation, no dot */
 #define PEM_MAX		(64 * 1024)		/* larger files are not challenges */
-#define SNI_RAW_MAX	512
+#define SNI_LOG_MAX	512			/* SNI bytes shown in a log line */
 #define WHY_LEN		768
 #define CHALLENGE_DAYS	7
 #define DRAIN_MS	1000
@@ -78,13 +78,9 @@ struct conn {
 	gnutls_certificate_credentials_t cred;
 	struct timespec	 start;
 	char		 client[INET6_ADDRSTRLEN + 16];
-	char		 sni[4 * SNI_RAW_MAX + 1];	/* escaped, for logs */
+	char		 sni[4 * SNI_LOG_MAX + 1];	/* escaped, for logs */
 	const char	*result;
 	char		 why[WHY_LEN];
-	uint8_t		 rawsni[SNI_RAW_MAX];	/* as received */
-	size_t		 rawsni_len;
-	int		 sni_seen, sni_dup, alpn_seen, acme_offered;
-	const char	*bad_ext;		/* malformed extension seen */
 	char		 loaded[NAME_LEN + 1];	/* name whose pair is set */
 	int		 hook_failed;		/* our hook refused, alert pending */
 	int		 alert;
@@ -155,51 +151,6 @@ pull_timeout(gnutls_transport_ptr_t ptr, unsigned int ms)
 	return poll(&pfd, 1, (int)left + 1);
 }
 
-/* Escape untrusted bytes for a log line: printable ASCII stays, rest \xNN. */
-static void
-escape(char *dst, size_t dstlen, const uint8_t *s, size_t len)
-{
-	static const char hex[] = "0123456789abcdef";
-	size_t i, o = 0;
-
-	if (dstlen == 0)
-		return;
-	for (i = 0; i < len; i++) {
-		uint8_t c = s[i];
-
-		if (c > 0x20 && c < 0x7f && c != '"' && c != '\\') {
-			if (o + 1 >= dstlen)
-				break;
-			dst[o++] = (char)c;
-		} else {
-			if (o + 4 >= dstlen)
-				break;
-			dst[o++] = '\\';
-			dst[o++] = 'x';
-			dst[o++] = hex[c >> 4];
-			dst[o++] = hex[c & 0xf];
-		}
-	}
-	dst[o] = '\0';
-}
-
-static int
-is_hexdigit(int c)
-{
-	return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') ||
-	    (c >= 'A' && c <= 'F');
-}
-
-static int
-hexval(int c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	return c - 'A' + 10;
-}
-
 /*
  * RFC 8738 section 6: an IP identifier travels as its reverse name.
  * Accept exactly four decimal octets + "in-addr.arpa" or exactly 32
@@ -237,12 +188,12 @@ reverse_to_ip(const char *name, size_t len, uint8_t *ip, size_t *ip_len)
 	    strcmp(name + 64 - 1, v6) == 0) {
 		memset(ip, 0, 16);
 		for (i = 0; i < 32; i++) {
-			char c = name[2 * i];
+			int v = alpn_hexval((uint8_t)name[2 * i]);
 
-			if (!is_hexdigit(c) || name[2 * i + 1] != '.')
+			if (v < 0 || name[2 * i + 1] != '.')
 				return 0;
 			/* Nibbles run from the least significant one. */
-			ip[15 - i / 2] |= (uint8_t)(hexval(c) << (4 * (i % 2)));
+			ip[15 - i / 2] |= (uint8_t)(v << (4 * (i % 2)));
 		}
 		*ip_len = 16;
 		return 1;
@@ -546,7 +497,7 @@ check_pair(const struct ident *id, struct pair *p, char *why, size_t whylen)
 				snprintf(why, whylen, "subjectAltName is not "
 				    "a dNSName");
 			else if (san.size != id->len) {
-				escape(oid, sizeof(oid), san.data, san.size);
+				log_escape(oid, sizeof(oid), san.data, san.size);
 				snprintf(why, whylen, "subjectAltName dNSName "
 				    "'%s' is not %s", oid, id->name);
 			} else {
@@ -560,7 +511,7 @@ check_pair(const struct ident *id, struct pair *p, char *why, size_t whylen)
 						san_ok = 0;
 				}
 				if (!san_ok) {
-					escape(oid, sizeof(oid), san.data,
+					log_escape(oid, sizeof(oid), san.data,
 					    san.size);
 					snprintf(why, whylen, "subjectAltName "
 					    "dNSName '%s' is not %s", oid,
@@ -683,18 +634,12 @@ load_pair(int dirfd, const struct ident *id, struct pair *p, char *why,
 static void
 log_conn(struct conn *c)
 {
-	const char *js = getenv("JOURNAL_STREAM");
 	double ms = elapsed_ms(&c->start);
-	unsigned long long dev, ino;
-	struct stat st;
 
 	if (c->result == NULL)
 		c->result = "error";
 
-	/* JOURNAL_STREAM=dev:ino names our stderr only if it still matches. */
-	if (js != NULL && sscanf(js, "%llu:%llu", &dev, &ino) == 2 &&
-	    fstat(STDERR_FILENO, &st) == 0 && (unsigned long long)st.st_dev ==
-	    dev && (unsigned long long)st.st_ino == ino) {
+	if (stderr_is_journal()) {
 		sd_journal_send(
 		    "MESSAGE=%s %s %s \"%s\" %.1fms", c->client, c->sni,
 		    c->result, c->why, ms,
@@ -730,100 +675,39 @@ peer_name(int fd, char *buf, size_t len)
 {
 	struct sockaddr_storage ss;
 	socklen_t sl = sizeof(ss);
-	char host[INET6_ADDRSTRLEN];
 	const char *env;
 
 	/* The router may know better (it consumed a PROXY header). */
 	if ((env = getenv("ALPND_CLIENT")) != NULL && *env != '\0') {
-		escape(buf, len, (const uint8_t *)env, strnlen(env, 64));
+		log_escape(buf, len, (const uint8_t *)env, strnlen(env, 64));
 		return;
 	}
-	snprintf(buf, len, "-");
 	if (getpeername(fd, (struct sockaddr *)&ss, &sl) == -1)
-		return;
-	if (ss.ss_family == AF_INET) {
-		struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
-
-		inet_ntop(AF_INET, &s4->sin_addr, host, sizeof(host));
-		snprintf(buf, len, "%s:%u", host, ntohs(s4->sin_port));
-	} else if (ss.ss_family == AF_INET6) {
-		struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
-
-		if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
-			inet_ntop(AF_INET, &s6->sin6_addr.s6_addr[12], host,
-			    sizeof(host));
-			snprintf(buf, len, "%s:%u", host, ntohs(s6->sin6_port));
-		} else {
-			inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof(host));
-			snprintf(buf, len, "[%s]:%u", host,
-			    ntohs(s6->sin6_port));
-		}
-	} else if (ss.ss_family == AF_UNIX)
-		snprintf(buf, len, "unix");
+		sl = 0;
+	fmt_sockaddr(buf, len, (struct sockaddr *)&ss, sl);
 }
 
 /*
- * Collect SNI and ALPN from the raw ClientHello extensions.  Malformed
- * bodies are left to GnuTLS, which rejects them with its own alert.
- */
-static int
-hello_ext(void *ctx, unsigned tls_id, const unsigned char *data,
-    unsigned size)
-{
-	struct conn *c = ctx;
-	unsigned off, len, n;
-
-	switch (tls_id) {
-	case 0:		/* server_name, RFC 6066 section 3 */
-		if (size < 2 || (unsigned)(data[0] << 8 | data[1]) != size - 2)
-			goto bad;
-		for (off = 2; off < size; off += 3 + len) {
-			if (off + 3 > size)
-				goto bad;
-			len = (unsigned)(data[off + 1] << 8 | data[off + 2]);
-			if (off + 3 + len > size)
-				goto bad;
-			if (data[off] != 0)	/* only host_name is defined */
-				continue;
-			if (c->sni_seen++) {
-				c->sni_dup = 1;
-				continue;
-			}
-			c->rawsni_len = len;
-			n = len < sizeof(c->rawsni) ? len : sizeof(c->rawsni);
-			memcpy(c->rawsni, data + off + 3, n);
-		}
-		break;
-	case 16:	/* application_layer_protocol_negotiation, RFC 7301 */
-		c->alpn_seen = 1;
-		if (size < 2 || (unsigned)(data[0] << 8 | data[1]) != size - 2)
-			goto bad;
-		for (off = 2; off < size; off += 1 + len) {
-			len = data[off];
-			if (len == 0 || off + 1 + len > size)
-				goto bad;
-			if (len == sizeof(ALPN_ACME) - 1 &&
-			    memcmp(data + off + 1, ALPN_ACME, len) == 0)
-				c->acme_offered = 1;
-		}
-		break;
-	}
-	return 0;
- bad:
-	c->bad_ext = tls_id == 0 ? "server_name" : "ALPN";
-	return 0;
-}
-
-/*
- * Called by GnuTLS with each ClientHello before it processes it: refuse
- * clients that do not ask for acme-tls/1, then pick the certificate by SNI
- * (validated before any file name is built), or refuse with
- * unrecognized_name.  Nothing is ever served for a name that fails.
+ * What alpnd-respond accepts, in the order checked (alpnd-respond.8 says
+ * the same):
+ *   1. a well-formed ClientHello by alpnparse's one definition (see
+ *      alpnparse.h: the same rules alpnd routes by), else decode_error;
+ *   2. "acme-tls/1" among its ALPN names, else no_application_protocol;
+ *   3. an SNI host_name that ident_from_name() turns into a usable name
+ *      (alpn_valid_hostname and friends: here, where the name becomes a
+ *      file name, and nowhere else), for which a servable pair exists,
+ *      and in a second ClientHello the same name; else unrecognized_name.
+ * GnuTLS then enforces TLS 1.2+ and the ALPN choice itself.
+ *
+ * Called by GnuTLS with each ClientHello body before it processes it.
+ * Nothing is ever served for a name that fails.
  */
 static int
 client_hello_hook(gnutls_session_t session, unsigned htype, unsigned when,
     unsigned incoming, const gnutls_datum_t *msg)
 {
+	/* Large (reassembly space) and one connection per process. */
+	static struct alpn_hello hello;
 	struct conn *c = gnutls_session_get_ptr(session);
 	struct ident id;
 	struct pair p;
@@ -832,57 +716,47 @@ client_hello_hook(gnutls_session_t session, unsigned htype, unsigned when,
 	if (htype != GNUTLS_HANDSHAKE_CLIENT_HELLO || when != GNUTLS_HOOK_PRE ||
 	    !incoming)
 		return 0;
-	c->sni_seen = c->sni_dup = c->alpn_seen = c->acme_offered = 0;
-	c->rawsni_len = 0;
-	c->bad_ext = NULL;
 	c->hook_failed = 1;
+	snprintf(c->sni, sizeof(c->sni), "-");
 	/*
-	 * A hello we cannot parse is refused, never waved through: GnuTLS
+	 * A hello the parser refuses is refused, never waved through: GnuTLS
 	 * accepts some (legacy_version 0x0403 in a second ClientHello after
 	 * HelloRetryRequest) that would then skip every check below.
 	 */
-	if ((ret = gnutls_ext_raw_parse(c, hello_ext, msg,
-	    GNUTLS_EXT_RAW_FLAG_TLS_CLIENT_HELLO)) < 0) {
+	if (alpn_parse_hello_body(msg->data, msg->size, &hello) != ALPN_OK) {
 		c->result = "tls_error";
-		snprintf(c->why, sizeof(c->why), "unparsable ClientHello: %s",
-		    gnutls_strerror(ret));
+		if (hello.bad_ext == 0)
+			snprintf(c->why, sizeof(c->why),
+			    "malformed server_name extension");
+		else if (hello.bad_ext == 16)
+			snprintf(c->why, sizeof(c->why),
+			    "malformed ALPN extension");
+		else if (hello.bad_ext > 0)
+			snprintf(c->why, sizeof(c->why), "malformed ClientHello "
+			    "(extension %d)", hello.bad_ext);
+		else
+			snprintf(c->why, sizeof(c->why),
+			    "malformed ClientHello");
 		c->alert = GNUTLS_A_DECODE_ERROR;
 		return GNUTLS_E_UNEXPECTED_PACKET;
 	}
-	if (c->bad_ext != NULL) {
-		c->result = "tls_error";
-		snprintf(c->why, sizeof(c->why), "malformed %s extension",
-		    c->bad_ext);
-		c->alert = GNUTLS_A_DECODE_ERROR;
-		return GNUTLS_E_UNEXPECTED_EXTENSIONS_LENGTH;
-	}
-	if (c->sni_seen)
-		escape(c->sni, sizeof(c->sni), c->rawsni,
-		    c->rawsni_len < sizeof(c->rawsni) ? c->rawsni_len :
-		    sizeof(c->rawsni));
-	if (!c->acme_offered) {
+	if (hello.sni != NULL)
+		log_escape(c->sni, sizeof(c->sni), hello.sni, hello.sni_len);
+	if (!hello.has_acme) {
 		c->result = "no_acme_alpn";
 		snprintf(c->why, sizeof(c->why), "client did not offer %s%s",
-		    ALPN_ACME, c->alpn_seen ? "" : " (no ALPN extension)");
+		    ALPN_ACME, hello.alpn != NULL ? "" :
+		    " (no ALPN extension)");
 		c->alert = GNUTLS_A_NO_APPLICATION_PROTOCOL;
 		return GNUTLS_E_NO_APPLICATION_PROTOCOL;
 	}
 	c->result = "unrecognized_name";
 	c->alert = GNUTLS_A_UNRECOGNIZED_NAME;
-	if (!c->sni_seen) {
+	if (hello.sni == NULL) {
 		snprintf(c->why, sizeof(c->why), "no SNI host_name");
 		return GNUTLS_E_UNRECOGNIZED_NAME;
 	}
-	if (c->sni_dup) {
-		snprintf(c->why, sizeof(c->why), "more than one SNI host_name");
-		return GNUTLS_E_UNRECOGNIZED_NAME;
-	}
-	if (c->rawsni_len > sizeof(c->rawsni)) {
-		snprintf(c->why, sizeof(c->why), "SNI longer than %zu bytes",
-		    sizeof(c->rawsni));
-		return GNUTLS_E_UNRECOGNIZED_NAME;
-	}
-	if (ident_from_name(c->rawsni, c->rawsni_len, &id, c->why,
+	if (ident_from_name(hello.sni, hello.sni_len, &id, c->why,
 	    sizeof(c->why)) == -1)
 		return GNUTLS_E_UNRECOGNIZED_NAME;
 	if (c->loaded[0] != '\0') {
@@ -953,17 +827,11 @@ connection_fd(void)
 	socklen_t sl;
 	struct stat st;
 
-	n = sd_listen_fds(1);
-	if (n < 0) {
-		fprintf(stderr, "%s: LISTEN_FDS: %s\n", PROG, strerror(-n));
-		return -1;
-	}
-	if (n > 1) {
+	if ((fd = inherited_fd(&n)) == -1) {
 		fprintf(stderr, "%s: LISTEN_FDS=%d, expected one connection\n",
 		    PROG, n);
 		return -1;
 	}
-	fd = n == 1 ? SD_LISTEN_FDS_START : STDIN_FILENO;
 	if (fstat(fd, &st) == -1 || !S_ISSOCK(st.st_mode)) {
 		fprintf(stderr, "%s: fd %d is not a socket; run me from alpnd, "
 		    "inetd or a socket unit with Accept=yes\n", PROG, fd);
@@ -1013,13 +881,7 @@ serve(const char *dir, int dirfd, int dir_errno, int timeout)
 		return EX_USAGE;
 	c.fd = fd;
 	peer_name(fd, c.client, sizeof(c.client));
-	{
-		struct stat es, cs;
-
-		stderr_is_conn = fstat(STDERR_FILENO, &es) == 0 &&
-		    fstat(fd, &cs) == 0 && es.st_dev == cs.st_dev &&
-		    es.st_ino == cs.st_ino;
-	}
+	stderr_is_conn = same_file(STDERR_FILENO, fd);
 
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = SIG_IGN;
@@ -1149,7 +1011,7 @@ parse_auth(const char *auth, uint8_t *digest, char *why, size_t whylen)
 {
 	size_t len = strlen(auth), i, nd;
 	uint32_t acc = 0;
-	int bits = 0, v;
+	int bits = 0, v, hi, lo;
 
 	if (strchr(auth, '.') != NULL) {
 		const char *dot = strchr(auth, '.');
@@ -1194,11 +1056,10 @@ parse_auth(const char *auth, uint8_t *digest, char *why, size_t whylen)
  hex:
 	nd = 0;
 	for (i = 0; i < len;) {
-		if (nd == DIGEST_LEN || !is_hexdigit(auth[i]) ||
-		    !is_hexdigit(auth[i + 1]))
+		if (nd == DIGEST_LEN || (hi = alpn_hexval((uint8_t)auth[i])) < 0 ||
+		    (lo = alpn_hexval((uint8_t)auth[i + 1])) < 0)
 			goto bad;
-		digest[nd++] = (uint8_t)(hexval(auth[i]) << 4 |
-		    hexval(auth[i + 1]));
+		digest[nd++] = (uint8_t)(hi << 4 | lo);
 		i += 2;
 		if (auth[i] == ':' && auth[i + 1] != '\0')
 			i++;
@@ -1478,9 +1339,9 @@ main(int argc, char *argv[])
 			errno = 0;
 			timeout = strtol(optarg, &end, 10);
 			if (errno != 0 || end == optarg || *end != '\0' ||
-			    timeout < 1 || timeout > 3600) {
-				fprintf(stderr, "%s: --hello-timeout: 1..3600 "
-				    "seconds\n", PROG);
+			    timeout < 1 || timeout > HELLO_TIMEOUT_MAX) {
+				fprintf(stderr, "%s: --hello-timeout: 1..%d "
+				    "seconds\n", PROG, HELLO_TIMEOUT_MAX);
 				return EX_USAGE;
 			}
 			break;

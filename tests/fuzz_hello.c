@@ -3,7 +3,9 @@
  * Besides "no crash, no overread", it checks the parser's promises:
  * views stay inside the input or the scratch space, NEED_MORE asks for
  * more than it was given, and an OK hello still parses the same when
- * handed exactly its own bytes.
+ * handed exactly its own bytes.  alpn_parse_hello_body (the message body
+ * alone, as alpnd-respond's GnuTLS hook parses it) must agree: on the
+ * message of every OK hello, and on the input taken as a body.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -12,7 +14,23 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *, size_t);
 
-static struct alpn_hello h, h2;
+static struct alpn_hello h, h2, h3;
+static uint8_t msg[ALPN_WIRE_MAX];
+
+/* The handshake message of an OK hello, out of its records. */
+static size_t
+unframe(const uint8_t *buf, size_t wire_len)
+{
+	size_t off = 0, n = 0, r;
+
+	while (off + 5 <= wire_len) {
+		r = (size_t)buf[off + 3] << 8 | buf[off + 4];
+		memcpy(msg + n, buf + off + 5, r);
+		n += r;
+		off += 5 + r;
+	}
+	return n;
+}
 
 static int
 inside(const uint8_t *p, size_t n, const uint8_t *buf, size_t len)
@@ -53,9 +71,39 @@ LLVMFuzzerTestOneInput(const uint8_t *buf, size_t len)
 		    h2.sni_len != h.sni_len || h2.alpn_len != h.alpn_len ||
 		    h2.has_acme != h.has_acme)
 			abort();
+		n = unframe(buf, h.wire_len);
+		if (n != h.hello_len ||
+		    alpn_parse_hello_body(msg + 4, n - 4, &h3) != ALPN_OK ||
+		    h3.sni_len != h.sni_len || h3.alpn_len != h.alpn_len ||
+		    h3.versions_len != h.versions_len ||
+		    h3.has_acme != h.has_acme || h3.has_ech != h.has_ech ||
+		    h3.legacy_version != h.legacy_version ||
+		    h3.hello_len != h.hello_len || h3.wire_len != 0 ||
+		    (h.sni && memcmp(h3.sni, h.sni, h.sni_len) != 0) ||
+		    (h.alpn && memcmp(h3.alpn, h.alpn, h.alpn_len) != 0))
+			abort();
 		break;
 	default:
 		break;
+	}
+
+	/* The input as a message body: views inside it, or a clean refusal. */
+	switch (alpn_parse_hello_body(buf, len, &h3)) {
+	case ALPN_OK:
+		if (len + 4 > ALPN_HELLO_MAX || h3.hello_len != len + 4 ||
+		    h3.wire_len != 0 || h3.bad_ext != -1 ||
+		    (h3.sni && (h3.sni < buf || h3.sni + h3.sni_len > buf + len)) ||
+		    (h3.alpn && (h3.alpn < buf ||
+		    h3.alpn + h3.alpn_len > buf + len)))
+			abort();
+		break;
+	case ALPN_BAD:
+		if (h3.sni != NULL || h3.alpn != NULL || h3.has_acme ||
+		    h3.bad_ext < -1 || h3.bad_ext > 0xffff)
+			abort();
+		break;
+	default:
+		abort();
 	}
 	return 0;
 }

@@ -1123,7 +1123,7 @@ def test_hello_timeout_above_the_responders_limit_is_a_usage_error():
     assert r.returncode == 64 and b"3600" in r.stderr, r
 
 
-# ------------------------------------------------ found in review, kept fixed
+# --- relay: several backend addresses, urgent data, resets --------------------
 
 def _read_to_eof(s, limit=None):
     """Everything s sends until EOF (or until limit bytes)."""
@@ -1308,6 +1308,8 @@ def _one_acme_connection(addr):
         except OSError:
             pass
 
+
+# --- listening-socket mode: signals, the responder, backends at start ---------
 
 def test_listening_mode_exits_idle_even_if_sigchld_was_ignored(tmp_path):
     """An inherited SIGCHLD=SIG_IGN would reap responders unseen and keep

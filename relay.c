@@ -1,0 +1,407 @@
+/*
+ * relay.c - the relay: splice(2) from each socket through a pipe of its
+ * own to the other, both directions in one process, half-close passed on,
+ * resets passed on as resets, urgent bytes moved inline.
+ *
+ * Copyright (c) 2026 the alpnd authors.  ISC licence, see LICENSE.
+ */
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sysexits.h>
+#include <unistd.h>
+
+#include "router.h"
+
+#ifndef PIPE_SIZE
+#define PIPE_SIZE	(256 * 1024)	/* asked for with F_SETPIPE_SZ */
+#endif
+#define PUMP_ROUNDS	16
+
+struct conn	*again;
+static int	 grow_pipes = PIPE_SIZE > 65536;
+
+/* Free pipes, kept in listening mode for the next connection. */
+static struct {
+	int		 p[2];
+	size_t		 cap;
+} spares[64];
+static size_t	 nspares;
+
+static void	relay_step(struct conn *);
+static void	relay_done(struct conn *, int, int, int);
+
+/* Out of descriptors, or handing everything over: spare pipes go. */
+void
+drop_spare_pipes(void)
+{
+	while (nspares > 0) {
+		nspares--;
+		close(spares[nspares].p[0]);
+		close(spares[nspares].p[1]);
+	}
+}
+
+/* Off the list of relays to resume (the connection is finishing). */
+void
+relay_unqueue(struct conn *c)
+{
+	struct conn **pp;
+
+	if (!c->queued)
+		return;
+	for (pp = &again; *pp; pp = &(*pp)->again)
+		if (*pp == c) {
+			*pp = c->again;
+			break;
+		}
+	c->queued = 0;
+}
+
+void
+close_pipe(struct flow *d)
+{
+	int *p = d->p;
+
+	if (p[0] == -1)
+		return;
+	if (d->inpipe == 0 && nspares < sizeof(spares) / sizeof(spares[0])) {
+		spares[nspares].p[0] = p[0];
+		spares[nspares].p[1] = p[1];
+		spares[nspares].cap = d->cap;
+		nspares++;
+	} else {
+		close(p[0]);
+		close(p[1]);
+	}
+	p[0] = p[1] = -1;
+}
+
+static int
+get_pipe(struct flow *d)
+{
+	if (nspares > 0) {
+		nspares--;
+		d->p[0] = spares[nspares].p[0];
+		d->p[1] = spares[nspares].p[1];
+		d->cap = spares[nspares].cap;
+		return 0;
+	}
+	d->cap = 65536;		/* the default: 16 pages */
+	return pipe2(d->p, O_NONBLOCK | O_CLOEXEC);
+}
+
+/*
+ * A relay moving bulk data gets a larger pipe (fewer splice calls per
+ * byte); short exchanges never pay for the extra fcntl(2).
+ */
+static void
+grow_pipe(struct flow *d)
+{
+	if (fcntl(d->p[1], F_SETPIPE_SZ, PIPE_SIZE) == -1) {
+		grow_pipes = 0;	/* over the limit: stop asking */
+		return;
+	}
+	d->cap = PIPE_SIZE;
+}
+
+/*
+ * The PROXY header for the backend (alpn_build_proxy() writes it): the
+ * client as received in an accepted PROXY header, else this connection's
+ * own addresses; UNKNOWN (v1) or LOCAL (v2) for clients that are not TCP.
+ */
+static int
+send_proxy_header(struct conn *c, int version)
+{
+	struct sockaddr_storage local;
+	socklen_t llen = sizeof(local);
+	const struct sockaddr_in *a4 = (const struct sockaddr_in *)&c->peer;
+	const struct sockaddr_in *b4 = (const struct sockaddr_in *)&local;
+	const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)&c->peer;
+	const struct sockaddr_in6 *b6 = (const struct sockaddr_in6 *)&local;
+	struct alpn_proxy px;
+	uint8_t buf[ALPN_PROXY_BUILD_MAX];
+	size_t n;
+	ssize_t w;
+
+	memset(&px, 0, sizeof(px));
+	if (!c->have_px)
+		peer_addr(c);
+	if (c->have_px)
+		px = c->px;
+	else if (c->peerlen && getsockname(c->cfd, (struct sockaddr *)&local,
+	    &llen) == 0 && local.ss_family == c->peer.ss_family) {
+		if (local.ss_family == AF_INET) {
+			px.family = ALPN_PROXY_TCP4;
+			memcpy(px.src, &a4->sin_addr, 4);
+			memcpy(px.dst, &b4->sin_addr, 4);
+			px.sport = ntohs(a4->sin_port);
+			px.dport = ntohs(b4->sin_port);
+		} else if (local.ss_family == AF_INET6) {
+			px.sport = ntohs(a6->sin6_port);
+			px.dport = ntohs(b6->sin6_port);
+			if (IN6_IS_ADDR_V4MAPPED(&a6->sin6_addr) &&
+			    IN6_IS_ADDR_V4MAPPED(&b6->sin6_addr)) {
+				px.family = ALPN_PROXY_TCP4;
+				memcpy(px.src, &a6->sin6_addr.s6_addr[12], 4);
+				memcpy(px.dst, &b6->sin6_addr.s6_addr[12], 4);
+			} else {
+				px.family = ALPN_PROXY_TCP6;
+				memcpy(px.src, &a6->sin6_addr, 16);
+				memcpy(px.dst, &b6->sin6_addr, 16);
+			}
+		}
+	}
+	if ((n = alpn_build_proxy(buf, sizeof(buf), version, &px)) == 0)
+		return -1;
+	/* A fresh socket's send buffer takes these few bytes at once. */
+	do
+		w = send(c->bfd, buf, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+	while (w == -1 && errno == EINTR);
+	return w == (ssize_t)n ? 0 : -1;
+}
+
+void
+start_relay(struct conn *c)
+{
+	int64_t now = now_us();
+	int one = 1, proxy;
+
+	set_lowat(c, 1);
+	if (get_pipe(&c->up) == -1 || get_pipe(&c->dn) == -1) {
+		finish(c, EX_OSERR, "pipe: %s", strerror(errno));
+		return;
+	}
+	if ((proxy = c->route == R_FALLBACK ? opt->send_proxy : opt->acme_send_proxy) &&
+	    send_proxy_header(c, proxy) == -1) {
+		finish(c, EX_IOERR, "cannot send the PROXY header");
+		return;
+	}
+	/*
+	 * Forward segments as they come, like the backend side: Nagle here
+	 * would hold back the tail of a TLS flight until the client ACKs.
+	 */
+	if (c->peer.ss_family != AF_UNIX)
+		(void)setsockopt(c->cfd, IPPROTO_TCP, TCP_NODELAY, &one,
+		    sizeof(one));
+	if (!c->nonblock) {
+		/* splice(2) follows the socket's own O_NONBLOCK. */
+		(void)fcntl(c->cfd, F_SETFL, O_RDWR | O_NONBLOCK);
+		c->nonblock = 1;
+	}
+	if (!c->registered) {
+		if (ep_add(c->cfd, TAG_CLIENT(c), EV_CONN) == -1) {
+			finish(c, EX_OSERR, "epoll: %s", strerror(errno));
+			return;
+		}
+		c->registered = 1;
+	}
+	if (!c->bregistered) {
+		/*
+		 * Connected at once (maybe after an earlier address failed
+		 * in S_CONNECT): this socket is not in the epoll set yet.
+		 */
+		if (ep_add(c->bfd, TAG_BACKEND(c), EV_CONN) == -1) {
+			finish(c, EX_OSERR, "epoll: %s", strerror(errno));
+			return;
+		}
+		c->bregistered = 1;
+	}
+	c->state = S_RELAY;
+	q_append(&q_relay, c, now);
+	relay_step(c);
+}
+
+/*
+ * TCP urgent data: splice(2) stops at the urgent mark (it says EAGAIN, or
+ * 0 once a FIN follows), so the byte there is moved by hand, inline
+ * (SO_OOBINLINE): nothing after it is lost or stalled.  Checked when
+ * splice claims EOF, and on EAGAIN only for a side that ever sent urgent
+ * data (EPOLLPRI, in any state): the common path pays nothing.
+ */
+static int
+urgent_step(struct flow *d, int src, int eof)
+{
+	int mark = 0, one = 1;
+	uint8_t b;
+
+	if (!d->urg && !eof)
+		return 0;
+	if (ioctl(src, SIOCATMARK, &mark) == -1 || !mark)
+		return 0;
+	/* Read-time flag: the byte at the mark is now ordinary data. */
+	(void)setsockopt(src, SOL_SOCKET, SO_OOBINLINE, &one, sizeof(one));
+	d->urg = 1;
+	/*
+	 * Peek, write, then consume: a pipe counts its room in pages, not
+	 * bytes, so it can be full although inpipe < cap.  Then the byte
+	 * stays in the socket until the pipe drains (-1: wait).
+	 */
+	if (recv(src, &b, 1, MSG_DONTWAIT | MSG_PEEK) != 1)
+		return 0;
+	if (write(d->p[1], &b, 1) != 1)
+		return -1;
+	(void)recv(src, &b, 1, MSG_DONTWAIT);
+	d->inpipe++;
+	d->total++;
+	return 1;
+}
+
+static int
+pump(struct flow *d, int src, int dst, int *moved, int *more)
+{
+	ssize_t n;
+	int progress, rounds = 0;
+
+	do {
+		if (++rounds > PUMP_ROUNDS) {
+			*more = 1;
+			return 0;
+		}
+		progress = 0;
+		if (!d->eof && d->inpipe < d->cap) {
+			n = splice(src, NULL, d->p[1], NULL, d->cap - d->inpipe,
+			    SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+			if (n > 0) {
+				d->inpipe += n;
+				d->total += n;
+				progress = 1;
+				if (d->inpipe >= d->cap / 2 && d->cap < PIPE_SIZE &&
+				    grow_pipes)
+					grow_pipe(d);
+			} else if (n == 0 || errno == EAGAIN) {
+				int u = urgent_step(d, src, n == 0);
+
+				if (u > 0)
+					progress = 1;
+				else if (u == 0 && n == 0)
+					d->eof = 1;
+			} else if (errno != EINTR)
+				return -1;
+		}
+		if (d->inpipe > 0) {
+			n = splice(d->p[0], NULL, dst, NULL, d->inpipe,
+			    SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+			if (n > 0) {
+				d->inpipe -= n;
+				progress = 1;
+			} else if (n == -1 && errno != EAGAIN &&
+			    errno != EINTR)
+				return -1;
+		}
+		*moved |= progress;
+	} while (progress);
+	if (d->eof && d->inpipe == 0 && !d->shut) {
+		/* Half-close: pass the EOF on once everything got through. */
+		if (shutdown(dst, SHUT_WR) == -1 && errno != ENOTCONN)
+			return -1;
+		d->shut = 1;
+	}
+	return 0;
+}
+
+/*
+ * Pump what an event calls for (both directions when events is 0): data or
+ * EOF on a socket moves its own direction; room to write into a socket
+ * matters only to a direction that has bytes waiting for it.  Edge-
+ * triggered epoll reports every readiness bit at each edge, so this saves
+ * a splice(2) that would only say EAGAIN.
+ */
+void
+relay_event(struct conn *c, int backend, uint32_t events)
+{
+	const uint32_t rd = EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLHUP |
+	    EPOLLERR;
+	const uint32_t wr = EPOLLOUT | EPOLLHUP | EPOLLERR;
+	int up, dn, moved = 0, more = 0, r = 0;
+
+	if (events == 0)
+		up = dn = 1;
+	else if (!backend) {
+		up = (events & rd) != 0;
+		dn = (events & wr) && c->dn.inpipe > 0;
+	} else {
+		dn = (events & rd) != 0;
+		up = (events & wr) && c->up.inpipe > 0;
+	}
+	if (up)
+		r = pump(&c->up, c->cfd, c->bfd, &moved, &more);
+	if (r == 0 && dn)
+		r = pump(&c->dn, c->bfd, c->cfd, &moved, &more);
+	relay_done(c, r, moved, more);
+}
+
+static void
+relay_step(struct conn *c)
+{
+	relay_event(c, 0, 0);
+}
+
+/*
+ * One side reset: hand on what the pipes already hold, as far as it goes
+ * without waiting, then close both sides with a reset (SO_LINGER 0), so
+ * that a cut-off stream never looks like a complete one.
+ */
+static void
+abort_relay(struct conn *c)
+{
+	const struct linger lg = { 1, 0 };
+
+	if (c->up.inpipe > 0)
+		(void)splice(c->up.p[0], NULL, c->bfd, NULL, c->up.inpipe,
+		    SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+	if (c->dn.inpipe > 0)
+		(void)splice(c->dn.p[0], NULL, c->cfd, NULL, c->dn.inpipe,
+		    SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+	(void)setsockopt(c->cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	(void)setsockopt(c->bfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+}
+
+static void
+relay_done(struct conn *c, int r, int moved, int more)
+{
+	if (r == -1) {
+		if (errno == ECONNRESET || errno == EPIPE) {
+			abort_relay(c);
+			finish(c, EX_OK, "reset");
+		} else
+			finish(c, EX_IOERR, "relay: %s", strerror(errno));
+		return;
+	}
+	if (c->up.shut && c->dn.shut) {
+		finish(c, EX_OK, "ok");
+		return;
+	}
+	if (moved && opt->idle_timeout > 0)
+		q_append(&q_relay, c, now_us());	/* LRU order */
+	if (more && !c->queued) {
+		/* Fairness: the others get their turn, then we go on. */
+		c->queued = 1;
+		c->again = again;
+		again = c;
+	}
+}
+
+void
+resume_relays(void)
+{
+	struct conn *c, *list = again;
+
+	again = NULL;
+	while ((c = list) != NULL) {
+		list = c->again;
+		c->queued = 0;
+		if (c->state == S_RELAY)
+			relay_step(c);
+	}
+}
