@@ -98,6 +98,11 @@ build/asan/parse_test: tests/parse_test.c alpnparse.c alpnparse.h
 	@mkdir -p build/asan
 	$(CC) $(ALL_CFLAGS) $(SAN) -I. -o $@ tests/parse_test.c alpnparse.c
 
+# The attacker of the attack suite (tests/test_attack.py, make bench-attack).
+build/attack: tests/attack.c
+	@mkdir -p build
+	$(CC) $(ALL_CFLAGS) -o $@ tests/attack.c
+
 build/parse_bench: tests/parse_bench.c alpnparse.c alpnparse.h
 	@mkdir -p build
 	$(CC) -std=c11 $(DEFS) $(WARN) -O2 -I. -o $@ tests/parse_bench.c alpnparse.c
@@ -120,13 +125,20 @@ deps:
 asan: build/asan/alpnd build/asan/alpnd-respond build/asan/parse_test
 
 check: deps
-	@$(MAKE) --no-print-directory all asan build/parse_test build/parse_bench build/fuzz_hello build/fuzz_proxy build/fuzz_proxy_build
+	@$(MAKE) --no-print-directory all asan build/parse_test build/parse_bench build/attack build/fuzz_hello build/fuzz_proxy build/fuzz_proxy_build
 	@tests/run
 
 # libFuzzer over both parsers and the PROXY builder (round trip through
 # the parser); the corpus lives under tests/corpus/.
 fuzz: build/fuzz_hello build/fuzz_proxy build/fuzz_proxy_build
 	tests/fuzz-run $(FUZZ_SECONDS)
+
+# alpnd, nginx stream and HAProxy under the same attack (tests/bench/attack):
+# a few minutes, not part of `make bench`.
+bench-attack:
+	@tests/deps build check bench
+	@$(MAKE) --no-print-directory all build/attack
+	@tests/bench/attack
 
 bench-parse: build/parse_bench
 	build/parse_bench
@@ -192,7 +204,7 @@ uninstall:
 clean:
 	rm -rf $(PROGS) build
 
-.PHONY: all asan check fuzz bench bench-parse demo deps install uninstall clean
+.PHONY: all asan check fuzz bench bench-attack bench-parse demo deps install uninstall clean
 
 # The Debian package (debian/), built from a copy of this tree in build/deb
 # so the tree's own build is left alone; ./alpnd_VERSION_ARCH.deb is the
