@@ -63,11 +63,12 @@ static size_t	 ndrainers;
 /* Connections closed at once for a bound, logged once per SUMMARY_US. */
 static struct {
 	unsigned long	 total, source, fds;
+	unsigned long	 evicted;	/* waiting ones closed for newcomers */
 	unsigned long	 lines;		/* lines for early ends this interval */
 	unsigned long	 quiet;		/* early ends past LINES_MAX, not logged */
 	int64_t		 log_at;	/* 0: nothing to say */
 } over;
-#define LINES_MAX	50	/* early ends logged one by one per SUMMARY_US */
+#define LINES_MAX	10	/* early ends logged one by one per SUMMARY_US */
 
 /* Children (responders, a reloaded copy's relays) still running? */
 static int
@@ -132,19 +133,21 @@ over_summary(int64_t now, int force)
 {
 	if (over.log_at == 0 || (!force && now < over.log_at))
 		return;
-	if (over.total + over.source + over.fds > 0)
+	if (over.total + over.source + over.fds + over.evicted > 0)
 		logmsg(LOG_WARNING, "over the bounds in the last %lld s: %lu "
 		    "closed at once (%lu over --max-conn %zu, %lu over "
-		    "--max-per-source %u, %lu short of descriptors)",
-		    (long long)(SUMMARY_US / SEC),
-		    over.total + over.source + over.fds, over.total, max_conn,
-		    over.source, opt->max_per_source, over.fds);
+		    "--max-per-source %u, %lu short of descriptors, %lu waiting "
+		    "for a ClientHello closed for newer ones)",
+		    (long long)(SUMMARY_US / SEC), over.total + over.source +
+		    over.fds + over.evicted, over.total, max_conn, over.source,
+		    opt->max_per_source, over.fds, over.evicted);
 	if (over.quiet > 0)
 		logmsg(LOG_WARNING, "in the last %lld s: %lu more connections "
 		    "that ended without a complete ClientHello (silent, "
 		    "reset, or timed out) not logged one by one",
 		    (long long)(SUMMARY_US / SEC), over.quiet);
-	over.total = over.source = over.fds = over.lines = over.quiet = 0;
+	over.total = over.source = over.fds = over.evicted = 0;
+	over.lines = over.quiet = 0;
 	over.log_at = 0;
 }
 
@@ -163,6 +166,30 @@ log_budget(int64_t now)
 		return 1;
 	}
 	over.quiet++;
+	return 0;
+}
+
+/*
+ * --max-conn reached: the connection that has waited longest for its
+ * ClientHello (the head of q_hello; not one accepted in this very batch)
+ * makes room, reset and counted, not logged.  Only when none waits is the
+ * newcomer refused, so idle connections cannot lock everyone else out:
+ * that would take max_conn new ones per legitimate round trip.
+ */
+static int
+evict_oldest(int64_t now)
+{
+	const struct linger lg = { 1, 0 };
+	struct conn *old = q_hello.head;
+
+	if (old == NULL || old->t0 >= now)
+		return -1;
+	(void)setsockopt(old->cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	old->quiet = 1;
+	over.evicted++;
+	if (over.log_at == 0)
+		over.log_at = now + SUMMARY_US;
+	finish(old, EX_TEMPFAIL, "closed for a newer connection");
 	return 0;
 }
 
@@ -232,7 +259,7 @@ accept_some(int64_t now)
 			logmsg(LOG_ERR, "accept: %s", strerror(errno));
 			return 0;
 		}
-		if (nconn >= max_conn) {
+		if (nconn >= max_conn && evict_oldest(now) == -1) {
 			shed(fd, &over.total, now);
 			continue;
 		}

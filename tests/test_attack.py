@@ -176,8 +176,8 @@ def test_attack(activate, nginx, tmp_path, mode, sources):
     # 64 sources: 64 x 320 > 20,000, so alpnd holds every one of them;
     # --max-conn leaves room for the legitimate clients (the full table
     # is test_full_table's).  One source: the default --max-per-source,
-    # 256, holds, and the rest is reset at once.
-    per_source = 320 if sources == 64 else 256
+    # 1024, holds, and the rest is reset at once.
+    per_source = 320 if sources == 64 else 1024
     extra = ["--max-conn", conns + 64]
     if sources == 64:
         extra += ["--max-per-source", per_source]
