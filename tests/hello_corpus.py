@@ -38,6 +38,8 @@ import os
 import random
 import struct
 
+from hostile_lib import u8, u16, u24, vec8, vec16     # one set of byte builders
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 HELLOS = os.path.join(HERE, "hellos")
 SEED = 0x7e57_0a1b
@@ -51,26 +53,6 @@ Item = collections.namedtuple("Item", "idx how data")
 
 
 # --- decoding and re-encoding ---------------------------------------------------
-
-def u8(n):
-    return struct.pack("!B", n)
-
-
-def u16(n):
-    return struct.pack("!H", n)
-
-
-def u24(n):
-    return struct.pack("!I", n)[1:]
-
-
-def vec8(b):
-    return u8(len(b)) + b
-
-
-def vec16(b):
-    return u16(len(b)) + b
-
 
 class Hello:
     """A decoded ClientHello: the fields alpnparse looks at, the rest kept
