@@ -400,13 +400,9 @@ start_connect(struct conn *c)
 			c->cerr = errno;
 			continue;
 		}
-		if (sa->sa_family != AF_UNIX) {
+		if (sa->sa_family != AF_UNIX)
 			(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
 			    sizeof(one));
-			/* recv(2) must not skip an urgent byte: copy_some() */
-			(void)setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one,
-			    sizeof(one));
-		}
 		if (connect(fd, sa, a->len[c->ai]) == 0 ||
 		    (errno == EINPROGRESS && sa->sa_family != AF_UNIX &&
 		    (connect(fd, sa, a->len[c->ai]) == 0 || errno == EISCONN))) {

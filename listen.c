@@ -12,9 +12,6 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -39,7 +36,6 @@ static void	reload(const struct signalfd_siginfo *);
 static void	save_drainers(pid_t);
 static int	signal_setup(void);
 static int	 lfd = -1;	/* the listening socket */
-int		 lfd_nodelay, lfd_oobinline;	/* accepted sockets inherit them */
 static int	 sfd = -1;	/* signalfd: SIGCHLD, SIGTERM, SIGINT, SIGHUP */
 static int	 listen_paused;
 static int64_t	 resume_at;
@@ -529,19 +525,10 @@ static void
 listen_setup(void)
 {
 	struct stat l, o;
-	int fd, null = -1, one = 1;
+	int fd, null = -1;
 
 	if (resolve(&fallback_addr) == -1 || (acme_addr.spec && resolve(&acme_addr) == -1))
 		die(EX_UNAVAILABLE, "cannot resolve the backend addresses");
-	/*
-	 * Accepted sockets inherit both: no setsockopt(2) per connection
-	 * (systemd's NoDelay= sets the first already).  SO_OOBINLINE: the
-	 * relay's recv(2) must never skip an urgent byte.
-	 */
-	lfd_nodelay = setsockopt(lfd, IPPROTO_TCP, TCP_NODELAY, &one,
-	    sizeof(one)) == 0;
-	lfd_oobinline = setsockopt(lfd, SOL_SOCKET, SO_OOBINLINE, &one,
-	    sizeof(one)) == 0;
 	if (fstat(lfd, &l) == -1)
 		return;
 	for (fd = STDOUT_FILENO; fd <= STDERR_FILENO; fd++) {

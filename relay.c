@@ -27,11 +27,9 @@
 #define PIPE_SIZE	(256 * 1024)	/* asked for with F_SETPIPE_SZ */
 #endif
 #define PUMP_ROUNDS	16
-#define COPY_LIMIT	(64 * 1024)	/* copied per direction, then spliced */
 
 struct conn	*again;
 static int	 grow_pipes = PIPE_SIZE > 65536;
-static uint8_t	 copybuf[16384];
 
 /* Free pipes, kept in listening mode for the next connection. */
 static struct {
@@ -177,10 +175,13 @@ void
 start_relay(struct conn *c)
 {
 	int64_t now = now_us();
-	int one = 1, proxy, fresh;
+	int one = 1, proxy;
 
 	set_lowat(c, 1);
-	c->up.copy = c->dn.copy = 1;	/* pipes come when needed */
+	if (get_pipe(&c->up) == -1 || get_pipe(&c->dn) == -1) {
+		finish(c, EX_OSERR, "pipe: %s", strerror(errno));
+		return;
+	}
 	if ((proxy = c->route == R_FALLBACK ? opt->send_proxy : opt->acme_send_proxy) &&
 	    send_proxy_header(c, proxy) == -1) {
 		finish(c, EX_IOERR, "cannot send the PROXY header");
@@ -190,14 +191,9 @@ start_relay(struct conn *c)
 	 * Forward segments as they come, like the backend side: Nagle here
 	 * would hold back the tail of a TLS flight until the client ACKs.
 	 */
-	if (c->peer.ss_family != AF_UNIX) {
-		if (!lfd_nodelay)
-			(void)setsockopt(c->cfd, IPPROTO_TCP, TCP_NODELAY,
-			    &one, sizeof(one));
-		if (!lfd_oobinline)	/* recv(2) must not skip urgent data */
-			(void)setsockopt(c->cfd, SOL_SOCKET, SO_OOBINLINE,
-			    &one, sizeof(one));
-	}
+	if (c->peer.ss_family != AF_UNIX)
+		(void)setsockopt(c->cfd, IPPROTO_TCP, TCP_NODELAY, &one,
+		    sizeof(one));
 	if (!c->nonblock) {
 		/* splice(2) follows the socket's own O_NONBLOCK. */
 		(void)fcntl(c->cfd, F_SETFL, O_RDWR | O_NONBLOCK);
@@ -210,7 +206,6 @@ start_relay(struct conn *c)
 		}
 		c->registered = 1;
 	}
-	fresh = !c->bregistered;
 	if (!c->bregistered) {
 		/*
 		 * Connected at once (maybe after an earlier address failed
@@ -224,15 +219,7 @@ start_relay(struct conn *c)
 	}
 	c->state = S_RELAY;
 	q_append(&q_relay, c, now);
-	/*
-	 * A backend connected just now has nothing epoll would not report
-	 * (EPOLL_CTL_ADD reports what is there): only the client's bytes
-	 * wait, and a recv(2) on the backend would only say EAGAIN.
-	 */
-	if (fresh)
-		relay_event(c, 0, EPOLLIN);
-	else
-		relay_step(c);
+	relay_step(c);
 }
 
 /*
@@ -270,81 +257,12 @@ urgent_step(struct flow *d, int src, int eof)
 	return 1;
 }
 
-/*
- * The first COPY_LIMIT bytes of a direction (a TLS handshake, a small
- * request and answer) are copied with recv(2) and send(2): no pipe, two
- * calls per chunk, and a short read means the socket was empty (edge-
- * triggered epoll reports what comes later), which saves the splice(2)
- * that says EAGAIN.  Not so when an EOF or an urgent byte is pending:
- * their edge may be the one already consumed.  SO_OOBINLINE is on (set on
- * the listener or per socket), so recv(2) never drops an urgent byte; it
- * only stops before the mark.  What send(2) does not take, and everything
- * after COPY_LIMIT, goes through a pipe as before.
- */
-static int
-copy_some(struct flow *d, int src, int dst, int *moved, int *more)
-{
-	ssize_t n, w;
-	int rounds = 0;
-
-	for (;;) {
-		if (++rounds > PUMP_ROUNDS) {
-			*more = 1;
-			return 0;
-		}
-		n = recv(src, copybuf, sizeof(copybuf), MSG_DONTWAIT);
-		if (n == -1) {
-			if (errno == EINTR)
-				continue;
-			if (errno == EAGAIN || errno == EWOULDBLOCK)
-				return 0;
-			return -1;
-		}
-		if (n == 0) {
-			d->eof = 1;
-			return 0;
-		}
-		*moved = 1;
-		d->total += n;
-		do
-			w = send(dst, copybuf, n, MSG_DONTWAIT | MSG_NOSIGNAL);
-		while (w == -1 && errno == EINTR);
-		if (w == -1) {
-			if (errno != EAGAIN && errno != EWOULDBLOCK)
-				return -1;
-			w = 0;
-		}
-		if (w < n || d->total >= COPY_LIMIT) {
-			d->copy = 0;
-			if (get_pipe(d) == -1)
-				return -1;
-			/* an empty pipe takes 16 KiB: the rest waits there */
-			if (w < n) {
-				if (write(d->p[1], copybuf + w, n - w) != n - w)
-					return -1;
-				d->inpipe = n - w;
-			}
-			return 0;
-		}
-		if ((size_t)n < sizeof(copybuf) && !d->urg && !d->hup)
-			return 0;
-	}
-}
-
 static int
 pump(struct flow *d, int src, int dst, int *moved, int *more)
 {
 	ssize_t n;
 	int progress, rounds = 0;
 
-	if (d->copy && !d->eof) {
-		if (copy_some(d, src, dst, moved, more) == -1)
-			return -1;
-		if (*more)
-			return 0;
-	}
-	if (d->copy)
-		goto tail;
 	do {
 		if (++rounds > PUMP_ROUNDS) {
 			*more = 1;
@@ -383,7 +301,6 @@ pump(struct flow *d, int src, int dst, int *moved, int *more)
 		}
 		*moved |= progress;
 	} while (progress);
-tail:
 	if (d->eof && d->inpipe == 0 && !d->shut) {
 		/* Half-close: pass the EOF on once everything got through. */
 		if (shutdown(dst, SHUT_WR) == -1 && errno != ENOTCONN)

@@ -108,8 +108,6 @@ struct flow {
 	int		 eof;		/* src said EOF */
 	int		 urg;		/* src got urgent data (EPOLLPRI) */
 	int		 shut;		/* shutdown(dst, SHUT_WR) done */
-	int		 copy;		/* still copying (recv/send), no pipe yet */
-	int		 hup;		/* src reported RDHUP/HUP/ERR: EOF pending */
 };
 
 struct queue;
@@ -152,7 +150,6 @@ struct queue {
 };
 
 extern int		 listening;	/* listening-socket mode */
-extern int		 lfd_nodelay, lfd_oobinline;	/* set on the listener */
 extern size_t		 nconn;
 extern struct queue	 q_hello, q_connect, q_retry, q_relay;
 extern struct conn	*dead;		/* freed after each event batch */
