@@ -280,6 +280,7 @@ class Backend:
     header and answers `backend: <client address from the header>`."""
 
     SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+    BIG = b"b" * (160 * 1024)
 
     def __init__(self):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -326,6 +327,8 @@ class Backend:
             data = data[16 + ln:]
         self.seen.append((who, data))
         c.sendall(b"backend: " + who.encode() + b"\n")
+        if data.startswith(b"GET /big "):   # past what a relay copies
+            c.sendall(self.BIG)
 
     def close(self):
         self.done = True
@@ -340,7 +343,7 @@ def backend():
     b.close()
 
 
-def plain_request(host, port, source=None):
+def plain_request(host, port, source=None, path="/"):
     """Plain HTTP on the TLS port: alpnd relays it to the fallback intact.
     Returns every byte the client received, up to EOF."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -349,7 +352,7 @@ def plain_request(host, port, source=None):
         if source:
             s.bind((source, 0))
         s.connect((host, port))
-        s.sendall(b"GET / HTTP/1.0\r\nHost: deploy\r\n\r\n")
+        s.sendall(b"GET %s HTTP/1.0\r\nHost: deploy\r\n\r\n" % path.encode())
         out = b""
         while True:
             b = s.recv(4096)
@@ -590,6 +593,8 @@ def test_syscalls_within_unit_filter(tmp_path, procs, backend):
                      stderr=subprocess.DEVNULL)
     wait_listen(port, proc=sa)
     assert plain_request("127.0.0.1", port).startswith(b"backend: ")
+    # more than a relay copies before it splices
+    assert plain_request("127.0.0.1", port, path="/big").endswith(Backend.BIG)
     assert acme_handshake("127.0.0.1", port)[1] == der
     # listening-socket mode (alpnd.service): one process, exits idle
     lport = free_port()
@@ -601,6 +606,7 @@ def test_syscalls_within_unit_filter(tmp_path, procs, backend):
                      stderr=subprocess.DEVNULL)
     wait_listen(lport, proc=ls)
     assert plain_request("127.0.0.1", lport).startswith(b"backend: ")
+    assert plain_request("127.0.0.1", lport, path="/big").endswith(Backend.BIG)
     assert acme_handshake("127.0.0.1", lport)[1] == der
     assert ls.wait(15) == 0  # --exit-idle
     # each traced process has ended (strace -q still reports exits)
