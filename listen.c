@@ -670,13 +670,17 @@ listen_tick(int64_t now, int64_t *idle_since)
 			logmsg(LOG_WARNING, "stopping: %zu connections cut "
 			    "after the drain (--drain %lld s)", nconn,
 			    (long long)(opt->drain / SEC));
-			return 1;
+			forget_connections();
 		}
 		/*
-		 * Only children left: a reload's, draining by the same clock
-		 * (each counts what it cuts), or a responder: a little longer.
+		 * Children left: a reload's, draining by the same clock (each
+		 * counts what it cuts), or a responder: wait a little longer,
+		 * so that nothing outlives the main process (systemd would
+		 * kill it uncounted, and on cgroup v1 wait for the empty
+		 * cgroup until TimeoutStopSec=).
 		 */
-		return run_state == STOPPING && now >= drain_at + DRAIN_GRACE;
+		return (nconn == 0 && !children()) ||
+		    (run_state == STOPPING && now >= drain_at + DRAIN_GRACE);
 	}
 	if (nconn > 0 || (opt->exit_idle >= 0 && children())) {
 		*idle_since = now;
