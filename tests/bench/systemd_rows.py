@@ -203,8 +203,8 @@ class Machine:
             ACME=8444, UPADDR="127.0.0.1:%d" % BACKEND_PORT))
         self.ct.sh(r"""
 set -e
-groupadd --system alpnd-certs
-install -d -m 2750 -g alpnd-certs /var/lib/dehydrated/alpn-certs
+systemd-sysusers alpnd.conf
+systemd-tmpfiles --create alpnd.conf
 systemd-run -q --unit=bench-backend nginx -p {w} -e {w}/backend-error.log -c {w}/backend.conf
 systemd-run -q --unit=bench-nginx-stream nginx -p {w} -e {w}/stream-error.log -c {w}/stream.conf
 """.format(w=WORK))
