@@ -292,9 +292,27 @@ systemd-run -q --unit=bench-nginx-stream nginx -p {w} -e {w}/stream-error.log -c
 
 # ---------------------------------------------------------------- the run
 
-def measure(cgs, workdir, client, concs, rounds, secs, warmup, alpnd_args, alpnd=None):
+def round_order(live, with_perconn):
+    """One round's order at one concurrency: random, except that alpnd
+    listening and nginx stream run back to back (which first, random), so
+    that their per-round ratio compares two runs adjacent in time."""
+    pair = [n for n in ("listen", "nginx") if n in live]
+    random.shuffle(pair)
+    rest = [n for n in live if n not in pair and (with_perconn or n != "perconn")]
+    slots = rest + ["pair"]
+    random.shuffle(slots)
+    out = []
+    for n in slots:
+        out += pair if n == "pair" else [n]
+    return out
+
+
+def measure(cgs, workdir, client, concs, rounds, secs, warmup, alpnd_args, alpnd=None,
+            perconn_rounds=None):
     """Boot, measure, stop.  client(args, prefix) -> tlsload's result
-    (run_client of tests/bench/run).  Returns the raw results, or
+    (run_client of tests/bench/run).  perconn_rounds: in how many of the
+    rounds the per-connection units run (None: all; they are slow and
+    costly, and far from the others).  Returns the raw results, or
     {"error": why}."""
     why = missing()
     if why:
@@ -328,9 +346,7 @@ def measure(cgs, workdir, client, concs, rounds, secs, warmup, alpnd_args, alpnd
         for rnd in range(rounds):
             log("round %d/%d" % (rnd + 1, rounds))
             for c in concs:
-                order = live[:]
-                random.shuffle(order)
-                for n in order:
+                for n in round_order(live, perconn_rounds is None or rnd < perconn_rounds):
                     bad = m.activate(n, warm)
                     if bad:
                         raw[n]["rate"][c].append({"rc": 1, "error": bad})
@@ -368,26 +384,52 @@ def summarize(res, concs):
         return {}
     raw, S = res["raw"], {}
     d = raw["direct"]
+
+    def paired(xs, ys, f):
+        """f(x, y) of the results of the same round (both good)."""
+        by = dict((y.get("round", i), y) for i, y in enumerate(ys) if y.get("rc") == 0)
+        out = []
+        for i, x in enumerate(xs):
+            y = by.get(x.get("round", i))
+            if x.get("rc") == 0 and y is not None:
+                v = f(x, y)
+                if v is not None:
+                    out.append(v)
+        return out
+
+    def rate_ratio(a, b):
+        return a["rate"] / b["rate"] if a.get("rate") and b.get("rate") else None
     for n in NAMES:
         r = raw[n]
         s = {"broken": res["broken"].get(n)}
         for c in concs:
             ok = [x for x in r["rate"][c] if x.get("rc") == 0]
-            rr = [a["rate"] / b["rate"] for a, b in zip(r["rate"][c], d["rate"][c])
-                  if a.get("rc") == 0 and b.get("rc") == 0 and b.get("rate")]
+            rr = paired(r["rate"][c], d["rate"][c], rate_ratio)
             s["rate_c%d" % c] = med([x.get("rate") for x in ok])
             s["rate_ratio_c%d" % c] = med(rr)
+            s["rate_ratios_c%d" % c] = rr
             s["rate_ratio_c%d_min" % c] = min(rr) if rr else None
             s["rate_ratio_c%d_max" % c] = max(rr) if rr else None
             s["errors_c%d" % c] = sum(x.get("errors", 0) or 0 for x in r["rate"][c])
             for k in ("relay", "pid1", "machine", "client"):
                 s["%s_us_c%d" % (k, c)] = med([x.get("%s_cpu_us_per_conn" % k) for x in ok])
         mine = [x.get("p50_us") for x in r["rate"][1] if x.get("rc") == 0]
-        dirs = [x.get("p50_us") for x in d["rate"][1] if x.get("rc") == 0]
-        add = [a - b for a, b in zip(mine, dirs) if a is not None and b is not None]
+        add = paired(r["rate"][1], d["rate"][1],
+                     lambda a, b: a["p50_us"] - b["p50_us"]
+                     if a.get("p50_us") is not None and b.get("p50_us") is not None else None)
         s["p50_us"] = med(mine)
         s["p50_added_us"] = med(add)
         S[n] = s
+    # alpnd listening against nginx stream, round by round (they run back
+    # to back): conn/s ratio and relay CPU ratio.
+    if "listen" in S and "nginx" in S:
+        ln, ng = raw["listen"]["rate"], raw["nginx"]["rate"]
+        for c in concs:
+            S["listen"]["vs_nginx_rate_c%d" % c] = paired(ln[c], ng[c], rate_ratio)
+            S["listen"]["vs_nginx_cpu_c%d" % c] = paired(
+                ln[c], ng[c], lambda a, b: a["relay_cpu_us_per_conn"] /
+                b["relay_cpu_us_per_conn"] if a.get("relay_cpu_us_per_conn") and
+                b.get("relay_cpu_us_per_conn") else None)
     return S
 
 
@@ -454,12 +496,25 @@ def verdicts(S, host_S, concs, fmt_r):
             continue
         for c in concs:
             a, b = SS[ln].get("rate_ratio_c%d" % c), SS[nn].get("rate_ratio_c%d" % c)
-            out.append("  [%s] %-7s listening ahead of nginx stream, conn/s c=%-2d: %s vs %s"
-                       % (mark(a, b), where, c, fmt_r(a), fmt_r(b)))
+            out.append("  [%s] %-7s listening ahead of nginx stream, conn/s c=%-2d: %s vs %s%s"
+                       % (mark(a, b), where, c, fmt_r(a), fmt_r(b),
+                          pair_note(SS[ln].get("vs_nginx_rate_c%d" % c), 1)))
         a, b = SS[ln].get(key % 8), SS[nn].get(key % 8)
         # less CPU is ahead
         out.append("  [%s] %-7s listening relay CPU per connection below nginx stream's "
-                   "(c=8): %s vs %s us" % (mark(None if a is None else -a, None if b is None else -b),
-                                           where, "-" if a is None else "%.0f" % a,
-                                           "-" if b is None else "%.0f" % b))
+                   "(c=8): %s vs %s us%s" % (
+                       mark(None if a is None else -a, None if b is None else -b),
+                       where, "-" if a is None else "%.0f" % a,
+                       "-" if b is None else "%.0f" % b,
+                       pair_note(SS[ln].get("vs_nginx_cpu_c8"), -1)))
     return "\n".join(out)
+
+
+def pair_note(rs, sign):
+    """Round by round alpnd / nginx (back to back): median, spread and how
+    many rounds alpnd was ahead (sign 1: a higher ratio is ahead)."""
+    if not rs:
+        return ""
+    ahead = sum(1 for r in rs if (r - 1) * sign > 0)
+    return "; alpnd/nginx per round %.3f [%.2f-%.2f], ahead in %d of %d" % (
+        statistics.median(rs), min(rs), max(rs), ahead, len(rs))
