@@ -18,7 +18,9 @@ network namespace of the host side of its veth, as Container.host() does.
 
 CPU per connection, from the host:
   relay     the target's processes (its units' cgroups in the machine's
-            name=systemd (v1) or unified (v2) hierarchy, /proc/PID/stat)
+            name=systemd (v1) or unified (v2) hierarchy, the schedstat of
+            each of their threads: nanoseconds, where /proc/PID/stat
+            counts 10 ms ticks)
             plus what PID 1 reaped (cutime+cstime of the machine's PID 1:
             every per-connection alpnd, including the unit's set-up in the
             forked child before execve)
@@ -30,6 +32,7 @@ CPU per connection, from the host:
 
 import os
 import pathlib
+import math
 import random
 import re
 import shutil
@@ -51,6 +54,9 @@ RELAY_PORT = 443
 WORK = "/var/lib/alpnd-bench"  # inside the machine
 TCK = os.sysconf("SC_CLK_TCK")
 NAMES = ["direct", "nginx", "listen", "perconn"]
+# alpnd listening and nginx stream differ by a few per cent: rounds go on
+# (up to a maximum) until their per-round ratio is known to +-PRECISION
+PRECISION = 0.03
 # the row under systemd-socket-activate that each row is shown beside
 SSA_TWIN = {"direct": "direct", "nginx": "nginx", "listen": "alpnd-listen",
             "perconn": "alpnd"}
@@ -81,6 +87,25 @@ def stat_ticks(pid):
         return None
     fs = st[st.rindex(")") + 2:].split()
     return tuple(int(x) / TCK for x in fs[11:15])
+
+
+def run_ns(pid):
+    """CPU time of every thread of pid so far, in seconds, from schedstat
+    (nanoseconds; /proc/PID/stat counts in ticks of 10 ms, too coarse for
+    a second of a relay), or None."""
+    total, seen = 0, False
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return None
+    for t in tids:
+        try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, t)) as f:
+                total += int(f.read().split()[0])
+                seen = True
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9 if seen else None
 
 
 def unit_files(dest):
@@ -225,16 +250,17 @@ systemd-run -q --unit=bench-nginx-stream nginx -p {w} -e {w}/stream-error.log -c
     def port(self, name):
         return {"direct": BACKEND_PORT, "nginx": STREAM_PORT}.get(name, RELAY_PORT)
 
-    def activate(self, name, warm):
+    def activate(self, name, warm, force=False):
         """Start the target's socket unit (the other alpnd socket stops:
         Conflicts=), then one short run through it (starts the
-        listening service)."""
+        listening service); that run only after a start, or with force."""
         if name in ("listen", "perconn") and self.active != name:
             sock = self.units[name][0]
             self.ct.sh("systemctl start %s" % sock)
             self.active = name
             self.wait_listen(RELAY_PORT)
-        return warm(self.port(name))
+            force = True
+        return warm(self.port(name)) if force else None
 
     def _unit_dirs(self, name):
         if name == "nginx":
@@ -254,8 +280,8 @@ systemd-run -q --unit=bench-nginx-stream nginx -p {w} -e {w}/stream-error.log -c
                     out.append(os.path.join(dp, d))
         return out
 
-    def cpu(self, name):
-        """(relay, pid1, machine) CPU seconds so far."""
+    def pids(self, name):
+        """The processes of the target's units."""
         pids = set()
         for d in self._unit_dirs(name):
             for dp, _, fs in os.walk(d):
@@ -265,11 +291,18 @@ systemd-run -q --unit=bench-nginx-stream nginx -p {w} -e {w}/stream-error.log -c
                             pids.update(int(x) for x in f.read().split())
                     except OSError:
                         pass
+        return pids
+
+    def cpu(self, name):
+        """(relay, pid1, machine) CPU seconds so far."""
+        pids = self.pids(name)
         relay = 0.0
         for p in pids:
-            t = stat_ticks(p)
-            if t:
-                relay += t[0] + t[1]
+            t = run_ns(p)
+            if t is None:
+                t = stat_ticks(p)
+                t = t[0] + t[1] if t else 0.0
+            relay += t
         p1 = stat_ticks(self.ct.pid)
         relay += p1[2] + p1[3]
         return relay, p1[0] + p1[1], self.cgs.cpu(self.cg)
@@ -308,12 +341,14 @@ def round_order(live, with_perconn):
 
 
 def measure(cgs, workdir, client, concs, rounds, secs, warmup, alpnd_args, alpnd=None,
-            perconn_rounds=None):
+            perconn_rounds=None, max_rounds=None, precision=PRECISION):
     """Boot, measure, stop.  client(args, prefix) -> tlsload's result
     (run_client of tests/bench/run).  perconn_rounds: in how many of the
     rounds the per-connection units run (None: all; they are slow and
-    costly, and far from the others).  Returns the raw results, or
-    {"error": why}."""
+    costly, and far from the others).  After `rounds` rounds, more (up to
+    max_rounds) while alpnd listening against nginx stream is not yet
+    known to +-precision on every row (see pair_stats).  Returns the raw
+    results, or {"error": why}."""
     why = missing()
     if why:
         return {"error": why}
@@ -337,25 +372,31 @@ def measure(cgs, workdir, client, concs, rounds, secs, warmup, alpnd_args, alpnd
         raw = {n: {"rate": {c: [] for c in concs}} for n in NAMES}
         broken = {}
         for n in NAMES:
-            broken[n] = m.activate(n, warm)
+            broken[n] = m.activate(n, warm, force=True)
             if broken[n]:
                 log("%s: %s" % (n, broken[n]))
         if broken["direct"]:
             return {"error": "direct: " + broken["direct"], "units": m.units}
         live = [n for n in NAMES if not broken[n]]
-        for rnd in range(rounds):
-            log("round %d/%d" % (rnd + 1, rounds))
+        procs = {}
+        rnd = 0
+        while rnd < rounds or (max_rounds and rnd < max_rounds and
+                               not precise(raw, concs, precision)):
+            log("round %d (%d to %s)" % (rnd + 1, rounds, max_rounds or rounds))
             for c in concs:
                 for n in round_order(live, perconn_rounds is None or rnd < perconn_rounds):
                     bad = m.activate(n, warm)
                     if bad:
-                        raw[n]["rate"][c].append({"rc": 1, "error": bad})
+                        raw[n]["rate"][c].append({"rc": 1, "error": bad, "round": rnd})
                         continue
                     c0 = m.cpu(n)
                     r = client(["rate"] + base + ["-p", str(m.port(n)), "-c", str(c),
                                                   "-d", str(secs), "-w", str(warmup)],
                                secs + warmup + 120, pre)
                     c1 = m.cpu(n)
+                    if n in ("nginx", "listen"):
+                        procs[n] = max(procs.get(n, 0), len(m.pids(n)))
+                    r["round"] = rnd
                     tot = r.get("total")
                     if tot:
                         r["client_cpu_us_per_conn"] = r["client_cpu_s"] / tot * 1e6
@@ -365,13 +406,56 @@ def measure(cgs, workdir, client, concs, rounds, secs, warmup, alpnd_args, alpnd
                         if c0[2] is not None and c1[2] is not None:
                             r["machine_cpu_us_per_conn"] = (c1[2] - c0[2]) / tot * 1e6
                     raw[n]["rate"][c].append(r)
+            rnd += 1
         return {"raw": raw, "broken": broken, "units": m.units,
+                # nginx: a master and its workers (worker_processes auto:
+                # one per CPU); alpnd listening: one process
+                "procs": procs,
                 "cgroups": cgs.kind, "unit_root": m.unit_root}
     except Exception as e:   # reported in the table, not fatal for the run
         return {"error": "%s: %s" % (type(e).__name__, str(e)[-800:])}
     finally:
         if m is not None:
             m.close()
+
+
+def pair_stats(xs, ys, key, sign=1):
+    """alpnd listening (xs) against nginx stream (ys), run back to back in
+    each round: the ratio of key per round, as (geometric mean, +- half
+    width of its ~95% interval (2 standard errors of the mean log ratio),
+    rounds alpnd was ahead, rounds); sign 1: higher is ahead.  None with
+    fewer than 3 rounds."""
+    by = dict((y.get("round", i), y) for i, y in enumerate(ys) if y.get("rc") == 0)
+    ls = []
+    for i, x in enumerate(xs):
+        y = by.get(x.get("round", i))
+        if x.get("rc") == 0 and y is not None and x.get(key) and y.get(key):
+            ls.append(math.log(x[key] / y[key]))
+    if len(ls) < 3:
+        return None
+    m, sd = statistics.mean(ls), statistics.stdev(ls)
+    half = 2 * sd / math.sqrt(len(ls))
+    return (math.exp(m), math.exp(half) - 1, sum(1 for v in ls if v * sign > 0), len(ls))
+
+
+def precise(raw, concs, precision):
+    """Is every listen/nginx row (conn/s at each concurrency, relay CPU
+    at c=8) known to +-precision?"""
+    ln, ng = raw["listen"]["rate"], raw["nginx"]["rate"]
+    for c in concs:
+        for key in ("rate",) + (("relay_cpu_us_per_conn",) if c == 8 else ()):
+            st = pair_stats(ln[c], ng[c], key)
+            if st is None or st[1] > precision:
+                return False
+    return True
+
+
+def rounds_done(res):
+    """How many rounds ran (for the report's header)."""
+    try:
+        return 1 + max(x.get("round", 0) for x in res["raw"]["direct"]["rate"][1])
+    except (KeyError, ValueError):
+        return "-"
 
 
 def med(xs):
@@ -421,15 +505,13 @@ def summarize(res, concs):
         s["p50_added_us"] = med(add)
         S[n] = s
     # alpnd listening against nginx stream, round by round (they run back
-    # to back): conn/s ratio and relay CPU ratio.
+    # to back): conn/s ratio and relay CPU ratio (pair_stats)
     if "listen" in S and "nginx" in S:
         ln, ng = raw["listen"]["rate"], raw["nginx"]["rate"]
         for c in concs:
-            S["listen"]["vs_nginx_rate_c%d" % c] = paired(ln[c], ng[c], rate_ratio)
-            S["listen"]["vs_nginx_cpu_c%d" % c] = paired(
-                ln[c], ng[c], lambda a, b: a["relay_cpu_us_per_conn"] /
-                b["relay_cpu_us_per_conn"] if a.get("relay_cpu_us_per_conn") and
-                b.get("relay_cpu_us_per_conn") else None)
+            S["listen"]["vs_nginx_rate_c%d" % c] = pair_stats(ln[c], ng[c], "rate")
+            S["listen"]["vs_nginx_cpu_c%d" % c] = pair_stats(
+                ln[c], ng[c], "relay_cpu_us_per_conn", -1)
     return S
 
 
@@ -448,12 +530,17 @@ def report(res, S, host_S, concs, fmt_r):
         out.append("  not measured: %s" % res["error"])
         return "\n".join(out)
     out.append("Units as installed by make install (alpnd: --fallback 127.0.0.1:%d, "
-               "ALPND_EXIT_IDLE=3600); ratios to direct in the machine, per round, median;"
-               % BACKEND_PORT)
+               "ALPND_EXIT_IDLE=3600); ratios to direct in the machine, per round, median "
+               "of %s rounds;" % (BACKEND_PORT, rounds_done(res)))
     out.append("[s-s-a: the same relay's ratio under systemd-socket-activate on the host, "
                "same run].  CPU us per connection at c=8:")
     out.append("relay = the target's processes + what PID 1 reaped; PID 1 = the machine's "
                "systemd itself; machine = the whole machine's cgroup (backend, journald, ...).")
+    pr = res.get("procs", {})
+    if pr.get("nginx"):
+        out.append("Processes: nginx stream %d (a master and %d workers: worker_processes auto, "
+                   "one per CPU; %d CPUs here), alpnd listening %d." % (
+                       pr["nginx"], pr["nginx"] - 1, os.cpu_count(), pr.get("listen", 0)))
     lab = labels(res)
     w = max(len(v) for v in lab.values()) + 1
     hdr = "%-*s" % (w, "target")
@@ -482,7 +569,9 @@ def report(res, S, host_S, concs, fmt_r):
 
 def verdicts(S, host_S, concs, fmt_r):
     """Listening mode ahead of nginx stream on every conn/s row and on relay
-    CPU per connection, under systemd-socket-activate and under systemd."""
+    CPU per connection, under systemd-socket-activate and under systemd.
+    Under systemd, judged on the two's ratio round by round (they run
+    back to back), with its interval: "within noise" when it holds 1."""
     out = []
 
     def mark(a, b):
@@ -496,25 +585,35 @@ def verdicts(S, host_S, concs, fmt_r):
             continue
         for c in concs:
             a, b = SS[ln].get("rate_ratio_c%d" % c), SS[nn].get("rate_ratio_c%d" % c)
+            st = SS[ln].get("vs_nginx_rate_c%d" % c)
             out.append("  [%s] %-7s listening ahead of nginx stream, conn/s c=%-2d: %s vs %s%s"
-                       % (mark(a, b), where, c, fmt_r(a), fmt_r(b),
-                          pair_note(SS[ln].get("vs_nginx_rate_c%d" % c), 1)))
+                       % (pair_mark(st, 1) if st else mark(a, b), where, c, fmt_r(a),
+                          fmt_r(b), pair_note(st, 1)))
         a, b = SS[ln].get(key % 8), SS[nn].get(key % 8)
+        st = SS[ln].get("vs_nginx_cpu_c8")
         # less CPU is ahead
         out.append("  [%s] %-7s listening relay CPU per connection below nginx stream's "
                    "(c=8): %s vs %s us%s" % (
+                       pair_mark(st, -1) if st else
                        mark(None if a is None else -a, None if b is None else -b),
                        where, "-" if a is None else "%.0f" % a,
-                       "-" if b is None else "%.0f" % b,
-                       pair_note(SS[ln].get("vs_nginx_cpu_c8"), -1)))
+                       "-" if b is None else "%.0f" % b, pair_note(st, -1)))
     return "\n".join(out)
 
 
-def pair_note(rs, sign):
-    """Round by round alpnd / nginx (back to back): median, spread and how
-    many rounds alpnd was ahead (sign 1: a higher ratio is ahead)."""
-    if not rs:
+def pair_mark(st, sign):
+    g, half = st[0], st[1]
+    ok = "met" if (g - 1) * sign > 0 else "NOT met"
+    if abs(math.log(g)) < math.log1p(half):
+        ok += ", within noise"
+    return ok
+
+
+def pair_note(st, sign):
+    """alpnd / nginx round by round (back to back): geometric mean, its
+    interval and the rounds alpnd was ahead."""
+    if not st:
         return ""
-    ahead = sum(1 for r in rs if (r - 1) * sign > 0)
-    return "; alpnd/nginx per round %.3f [%.2f-%.2f], ahead in %d of %d" % (
-        statistics.median(rs), min(rs), max(rs), ahead, len(rs))
+    g, half, ahead, n = st
+    return "; alpnd/nginx per round %.3f +-%.1f%%, ahead in %d of %d" % (
+        g, half * 100, ahead, n)
