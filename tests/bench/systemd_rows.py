@@ -474,21 +474,36 @@ def measure(cgs, workdir, client, concs, rounds, secs, warmup, alpnd_args, alpnd
 
 def pair_stats(xs, ys, key, sign=1):
     """alpnd listening (xs) against nginx stream (ys), run back to back in
-    each round: the ratio of key per round, as (geometric mean, +- half
-    width of its ~95% interval (2 standard errors of the mean log ratio),
-    rounds alpnd was ahead, rounds); sign 1: higher is ahead.  None with
-    fewer than 3 rounds."""
+    each round: the ratio of key round by round, as (median, low, high,
+    rounds alpnd was ahead, rounds); low..high is a distribution-free ~95%
+    interval of the median (order statistics, the sign test's binomial):
+    a round hit by someone else's load burst moves it by one rank, not by
+    its size.  sign 1: higher is ahead.  None with fewer than 3 rounds."""
     by = dict((y.get("round", i), y) for i, y in enumerate(ys) if y.get("rc") == 0)
-    ls = []
+    rs = []
     for i, x in enumerate(xs):
         y = by.get(x.get("round", i))
         if x.get("rc") == 0 and y is not None and x.get(key) and y.get(key):
-            ls.append(math.log(x[key] / y[key]))
-    if len(ls) < 3:
+            rs.append(x[key] / y[key])
+    n = len(rs)
+    if n < 3:
         return None
-    m, sd = statistics.mean(ls), statistics.stdev(ls)
-    half = 2 * sd / math.sqrt(len(ls))
-    return (math.exp(m), math.exp(half) - 1, sum(1 for v in ls if v * sign > 0), len(ls))
+    rs.sort()
+    # the largest k with P(Binomial(n, 1/2) < k) <= 2.5%: [r(k), r(n-k+1)]
+    k, below = 1, 0.0
+    while True:
+        below += math.comb(n, k - 1) / 2 ** n
+        if below > 0.025:
+            break
+        k += 1
+    k = max(k - 1, 1)
+    return (statistics.median(rs), rs[k - 1], rs[n - k],
+            sum(1 for r in rs if (r - 1) * sign > 0), n)
+
+
+def spread(st):
+    """The interval's larger distance from the median, relative."""
+    return max(st[2] / st[0] - 1, 1 - st[1] / st[0])
 
 
 def precise(raw, concs, precision):
@@ -498,7 +513,7 @@ def precise(raw, concs, precision):
     for c in concs:
         for key in ("rate",) + (("relay_cpu_us_per_conn",) if c == 8 else ()):
             st = pair_stats(ln[c], ng[c], key)
-            if st is None or st[1] > precision:
+            if st is None or spread(st) > precision:
                 return False
     return True
 
@@ -634,8 +649,8 @@ def report(res, S, host_S, concs, fmt_r):
             f(s["machine_us_c8"]), f(s["journald_us_c8"]))
         out.append(line)
     if "listen" in S and not S["listen"].get("broken"):
-        out.append("alpnd listening / nginx stream, round by round (back to back): geometric "
-                   "mean +- ~95% interval, rounds alpnd ahead:")
+        out.append("alpnd listening / nginx stream, round by round (back to back): median "
+                   "[~95% interval], rounds alpnd ahead:")
         out += pair_lines(S["listen"], "nginx", concs)
     if VARIANT in S and not S[VARIANT].get("broken"):
         for other in ("listen", "nginx"):
@@ -652,7 +667,7 @@ def pair_lines(s, other, concs):
         for c in concs:
             st = s.get("vs_%s_%s_c%d" % (other, key, c))
             if st:
-                parts.append("c=%d %.3f +-%.1f%% (%d/%d)" % (c, st[0], st[1] * 100, st[2], st[3]))
+                parts.append("c=%d %.3f [%.2f-%.2f] (%d/%d)" % st_fields(c, st))
         if parts:
             out.append("  %-13s %s" % (what, "   ".join(parts)))
     return out
@@ -693,18 +708,19 @@ def verdicts(S, host_S, concs, fmt_r):
 
 
 def pair_mark(st, sign):
-    g, half = st[0], st[1]
-    ok = "met" if (g - 1) * sign > 0 else "NOT met"
-    if abs(math.log(g)) < math.log1p(half):
+    ok = "met" if (st[0] - 1) * sign > 0 else "NOT met"
+    if st[1] <= 1 <= st[2]:
         ok += ", within noise"
     return ok
 
 
+def st_fields(c, st):
+    return (c, st[0], st[1], st[2], st[3], st[4])
+
+
 def pair_note(st, sign):
-    """alpnd / nginx round by round (back to back): geometric mean, its
-    interval and the rounds alpnd was ahead."""
+    """alpnd / nginx round by round (back to back): median, its interval
+    and the rounds alpnd was ahead."""
     if not st:
         return ""
-    g, half, ahead, n = st
-    return "; alpnd/nginx per round %.3f +-%.1f%%, ahead in %d of %d" % (
-        g, half * 100, ahead, n)
+    return "; alpnd/nginx per round: median %.3f [%.2f-%.2f], ahead in %d of %d" % st[:5]
