@@ -245,6 +245,7 @@ decide(struct conn *c, int acme_hello, const char *why)
 	if (acme_hello) {
 		if (opt->certs) {
 			c->route = R_RESPOND;
+			maybe_children = 1;	/* children() asks again */
 			(listening ? respond_spawn : respond_exec)(c, now_us());
 			return;
 		}

@@ -12,6 +12,9 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -31,6 +34,7 @@
 
 char		 listener_tag, signal_tag;
 
+static int	accept_some(int64_t, unsigned);
 static void	stop_accepting(int64_t);
 static void	reload(const struct signalfd_siginfo *);
 static void	save_drainers(pid_t);
@@ -38,6 +42,7 @@ static int	signal_setup(void);
 static int	 lfd = -1;	/* the listening socket */
 static int	 sfd = -1;	/* signalfd: SIGCHLD, SIGTERM, SIGINT, SIGHUP */
 static int	 listen_paused;
+static int	 listen_nodelay;	/* accepted sockets inherit TCP_NODELAY */
 static int64_t	 resume_at;
 static enum {
 	RUNNING,
@@ -66,13 +71,26 @@ static struct {
 } over;
 #define LINES_MAX	10	/* early ends logged one by one per SUMMARY_US */
 
-/* Children (responders, a reloaded copy's relays) still running? */
+/*
+ * Children (responders, a reloaded copy's relays) still running?  Asked
+ * of the kernel only while there may be some (a responder or a reload
+ * since the last answer "none"): the loop asks after every event batch
+ * that leaves no connection open, i.e. once per connection at c=1.
+ */
+int		 maybe_children = 1;	/* a previous image may have left some */
+
 static int
 children(void)
 {
 	siginfo_t si;
 
-	return waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) == 0;
+	if (!maybe_children)
+		return 0;
+	if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) == 0)
+		return 1;
+	if (errno == ECHILD)
+		maybe_children = 0;
+	return 0;
 }
 
 void
@@ -216,16 +234,21 @@ shed_one(int64_t now)
 	return e == EAGAIN || e == EWOULDBLOCK ? 0 : -1;
 }
 
-int
-accept_some(int64_t now)
+/*
+ * Accept up to max connections: 1 when it stopped there (more may wait),
+ * 0 when the queue is empty (EAGAIN) or accepting is paused.
+ */
+static int
+accept_some(int64_t now, unsigned max)
 {
 	struct sockaddr_storage ss;
 	struct source *src;
 	socklen_t sl;
 	struct conn *c;
-	int fd, i;
+	unsigned i;
+	int fd;
 
-	for (i = 0; i < ACCEPT_BATCH; i++) {
+	for (i = 0; i < max; i++) {
 		sl = sizeof(ss);
 		fd = accept4(lfd, (struct sockaddr *)&ss, &sl,
 		    SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -276,6 +299,7 @@ accept_some(int64_t now)
 		memcpy(&c->peer, &ss, sl < sizeof(ss) ? sl : sizeof(ss));
 		c->peerlen = sl;
 		c->nonblock = 1;
+		c->nodelay = listen_nodelay;
 		if (ep_add(fd, TAG_CLIENT(c), EV_CONN) == -1) {
 			finish(c, EX_OSERR, "epoll: %s", strerror(errno));
 			continue;
@@ -283,6 +307,29 @@ accept_some(int64_t now)
 		c->registered = 1;
 	}
 	return 1;
+}
+
+/*
+ * The listening socket is readable.  Accepting until EAGAIN costs a failed
+ * accept4(2) per wake-up: per connection when they come one at a time.
+ * Instead take up to accept_limit and let the listener, level-triggered,
+ * be reported again when more wait.  The limit follows the queue: doubled
+ * when the listener is reported again right after a batch that stopped at
+ * the limit, halved when a batch empties the queue before it (a flood
+ * reaches ACCEPT_BATCH in six wake-ups).
+ */
+static unsigned	 accept_limit = 1;
+static int	 accept_full;	/* 1: this batch stopped at the limit;
+				   2: the one before this event batch did */
+
+void
+accept_ready(int64_t now)
+{
+	if (accept_full == 2 && accept_limit < ACCEPT_BATCH)
+		accept_limit *= 2;
+	accept_full = accept_some(now, accept_limit);
+	if (!accept_full && accept_limit > 1)
+		accept_limit /= 2;
 }
 
 /*
@@ -297,7 +344,7 @@ stop_accepting(int64_t now)
 
 	if (lfd == -1)
 		return;
-	while (!listen_paused && accept_some(now) && ++batches < 1024)
+	while (!listen_paused && accept_some(now, ACCEPT_BATCH) && ++batches < 1024)
 		;
 	(void)epoll_ctl(ep, EPOLL_CTL_DEL, lfd, NULL);
 	close(lfd);
@@ -399,6 +446,7 @@ reload(const struct signalfd_siginfo *si)
 
 	if (si->ssi_uid == getuid() || si->ssi_uid == 0)
 		argv = reload_argv((pid_t)si->ssi_pid, &buf);
+	maybe_children = 1;
 	if ((pid = fork()) == -1) {
 		logmsg(LOG_ERR, "reload: fork: %s", strerror(errno));
 		goto out;
@@ -618,6 +666,20 @@ listen_start(int fd)
 	if ((fl = fcntl(lfd, F_GETFL)) == -1 ||
 	    fcntl(lfd, F_SETFL, fl | O_NONBLOCK) == -1)
 		die(EX_OSERR, "fcntl: %s", strerror(errno));
+	/*
+	 * The relay wants TCP_NODELAY on every client socket; set on the
+	 * listening socket (systemd's NoDelay=yes does), accepted sockets
+	 * inherit it: one setsockopt(2) here, not one per connection.
+	 */
+	{
+		int one = 1, proto = 0;
+		socklen_t pl = sizeof(proto);
+
+		if (getsockopt(lfd, SOL_SOCKET, SO_PROTOCOL, &proto, &pl) == 0 &&
+		    proto == IPPROTO_TCP && setsockopt(lfd, IPPROTO_TCP,
+		    TCP_NODELAY, &one, sizeof(one)) == 0)
+			listen_nodelay = 1;
+	}
 	if ((ep = epoll_create1(EPOLL_CLOEXEC)) == -1)
 		die(EX_OSERR, "epoll_create1: %s", strerror(errno));
 	/* An inherited SIG_IGN would reap children unseen. */
@@ -656,6 +718,8 @@ listen_deadline(int64_t d, int64_t idle_since)
 int
 listen_tick(int64_t now, int64_t *idle_since)
 {
+	/* not reported again after a full batch: nobody was waiting */
+	accept_full = accept_full == 1 ? 2 : 0;
 	over_summary(now, 0);
 	if (listen_paused && now >= resume_at) {
 		if (ep_add(lfd, &listener_tag, EPOLLIN) == 0)
@@ -687,7 +751,7 @@ listen_tick(int64_t now, int64_t *idle_since)
 		return 0;
 	}
 	if (opt->exit_idle >= 0 && now - *idle_since >= opt->exit_idle &&
-	    !accept_some(now) && nconn == 0) {
+	    !accept_some(now, ACCEPT_BATCH) && nconn == 0) {
 		logmsg(LOG_DEBUG, "idle for %lld ms: exiting",
 		    (long long)(opt->exit_idle / 1000));
 		return 1;

@@ -37,7 +37,7 @@ dispatch(void *tag, uint32_t events, int64_t now)
 	int backend;
 
 	if (tag == &listener_tag) {
-		accept_some(now);
+		accept_ready(now);
 		return;
 	}
 	if (tag == &signal_tag) {

@@ -138,6 +138,7 @@ struct conn {
 	struct alpn_proxy px;
 	int		 have_px;	/* px holds a TCP4/TCP6 client */
 	int		 quiet;		/* no line of its own (log_budget) */
+	int		 nodelay;	/* TCP_NODELAY on cfd (from the listener) */
 	/* from here on not zeroed by conn_new() */
 	char		 sni[256];
 	char		 alpn[128];
@@ -197,10 +198,11 @@ void	loop(void);
 extern char	 listener_tag, signal_tag;
 void	listen_save_argv(int, char **);
 void	listen_start(int);
-int	accept_some(int64_t);
+void	accept_ready(int64_t);
 void	on_signal(int64_t);
 int64_t	listen_deadline(int64_t, int64_t);
 int	listen_tick(int64_t, int64_t *);
+extern int	 maybe_children;	/* a child may exist: ask waitid(2) */
 int	log_budget(int64_t);
 void	listen_end(void);
 int	reload_client(pid_t);
