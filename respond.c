@@ -51,6 +51,7 @@
 #define CHALLENGE_DAYS	7
 #define DRAIN_MS	1000
 #define DRAIN_MAX	(64 * 1024)
+#define CLOSE_WAIT_MS	250	/* for the client to close first */
 
 /* One identifier: a DNS name, or an IP address by its reverse name. */
 struct ident {
@@ -875,7 +876,7 @@ client_hello_hook(gnutls_session_t tls, unsigned htype, unsigned when,
 	return 0;
 }
 
-/* After close_notify, read what the client still sends until EOF, briefly. */
+/* Shut our side; read what the client still sends until EOF, briefly. */
 static void
 drain(int fd)
 {
@@ -901,6 +902,27 @@ drain(int fd)
 			break;
 		total += (size_t)n;
 	}
+}
+
+/*
+ * The handshake is done: let the client close first.  A validator closes
+ * as soon as it has the certificate (close_notify, then FIN).  Had our
+ * close_notify reached it before its close(2), it would lie unread there
+ * and the client's kernel would answer with a reset instead of a FIN,
+ * which an alpnd relaying the connection logs as "reset".  So a client
+ * that speaks or closes within CLOSE_WAIT_MS gets our FIN only; one that
+ * waits for the server gets close_notify then.
+ */
+static void
+close_after_client(gnutls_session_t tls, int fd)
+{
+	struct pollfd pfd;
+
+	pfd.fd = fd;
+	pfd.events = POLLIN;
+	if (poll(&pfd, 1, CLOSE_WAIT_MS) != 1)
+		gnutls_bye(tls, GNUTLS_SHUT_WR);
+	drain(fd);
 }
 
 static int
@@ -1056,8 +1078,7 @@ handshake_done(struct session *s, gnutls_session_t tls, int fd)
 	    gnutls_protocol_get_name(gnutls_protocol_get_version(tls)),
 	    gnutls_cipher_get_name(gnutls_cipher_get(tls)), s->keydesc);
 	s->rc = EX_OK;
-	gnutls_bye(tls, GNUTLS_SHUT_WR);
-	drain(fd);
+	close_after_client(tls, fd);
 }
 
 /* Serve the one inherited connection; log it; its exit status. */

@@ -1116,3 +1116,58 @@ def test_trickled_hello_meets_the_deadline_and_logs(certs, responder):
     assert ch.rc == 75, ch.stderr
     assert ch.log()["result"] == "timeout", ch.stderr
     assert took < 3.5, took
+
+
+def _validator_like(port, name, pause):
+    """An acme-tls/1 handshake shaped like Go's (pebble, Boulder): after
+    the handshake the client looks at the certificate for `pause` seconds,
+    sends close_notify and closes, never reading again.  Returns the
+    certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols([A.ACME_ALPN])
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(inc, out, server_hostname=name)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for _ in range(50):                 # a handful of flights
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                s.sendall(out.read())
+                b = s.recv(65536)
+                assert b, "the server closed during the handshake"
+                inc.write(b)
+        s.sendall(out.read())               # Finished
+        der = tls.getpeercert(binary_form=True)
+        time.sleep(pause)                   # the scenario, not a wait
+        try:
+            tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        s.sendall(out.read())               # close_notify, then FIN
+    return der
+
+
+@needs_alpnd
+def test_relayed_validation_closes_cleanly(certs, responder, echo_backend):
+    """A validator that closes first sees nothing unread: an alpnd relaying
+    to the responder logs "ok", not "reset".  Before the responder waited
+    for the client's close, its close_notify arrived while the client was
+    still looking at the certificate, so the client's close(2) reset the
+    connection."""
+    assert make(certs, "v.example.org").returncode == 0
+    srv = responder()
+    edge = A.Inetd([A.ALPND, "--fallback", echo_backend().addr,
+                    "--acme", "127.0.0.1:%d" % srv.port, "--hello-timeout", "5"])
+    try:
+        for i in range(5):
+            der = _validator_like(edge.port, "v.example.org", 0.05)
+            assert der == served_der(certs, "v.example.org")
+            ch = edge.wait(i + 1)[-1]
+            lines = [ln for ln in ch.stderr.splitlines() if ln.startswith("alpnd[")]
+            assert len(lines) == 1 and lines[0].endswith(" ok"), ch.stderr
+        assert [c.log()["result"] for c in srv.wait(5)] == ["ok"] * 5
+    finally:
+        edge.close()
