@@ -50,10 +50,12 @@
 #define GROW_BUDGET	(16 * 1024 * 1024)
 #endif
 #define PUMP_ROUNDS	16
+#define COPY_LIMIT	(64 * 1024)	/* copied per direction, then spliced */
 
 struct conn	*again;
 static size_t	 pipe_ceiling = PIPE_SIZE;	/* lowered once asking failed */
 static size_t	 grown;		/* bytes beyond the default, all flows */
+static uint8_t	 copybuf[8192];	/* an empty pipe takes it whole (2 pages at least) */
 
 /* Free pipes, kept in listening mode for the next connection. */
 static struct {
@@ -148,6 +150,12 @@ grow_pipe(struct flow *d)
 	long n;
 
 	d->nogrow = 1;
+	/*
+	 * One process per connection: the budget is per process, the kernel's
+	 * limit per user, so each asks for a quarter (256 pipes fill it).
+	 */
+	if (!listening && pipe_ceiling > PIPE_SIZE / 4)
+		pipe_ceiling = PIPE_SIZE / 4;
 	if (grown + pipe_ceiling - d->cap > GROW_BUDGET)
 		return;
 	if ((n = fcntl(d->p[1], F_SETPIPE_SZ, (int)pipe_ceiling)) == -1) {
@@ -224,10 +232,7 @@ start_relay(struct conn *c)
 	int one = 1, proxy;
 
 	set_lowat(c, 1);
-	if (get_pipe(&c->up) == -1 || get_pipe(&c->dn) == -1) {
-		finish(c, EX_OSERR, "pipe: %s", strerror(errno));
-		return;
-	}
+	c->up.copy = c->dn.copy = 1;	/* pipes come when needed */
 	if ((proxy = c->route == R_FALLBACK ? opt->send_proxy : opt->acme_send_proxy) &&
 	    send_proxy_header(c, proxy) == -1) {
 		finish(c, EX_IOERR, "cannot send the PROXY header");
@@ -237,9 +242,14 @@ start_relay(struct conn *c)
 	 * Forward segments as they come, like the backend side: Nagle here
 	 * would hold back the tail of a TLS flight until the client ACKs.
 	 */
-	if (c->peer.ss_family != AF_UNIX)
+	if (c->peer.ss_family != AF_UNIX) {
 		(void)setsockopt(c->cfd, IPPROTO_TCP, TCP_NODELAY, &one,
 		    sizeof(one));
+		/* recv(2) must not skip an urgent byte: see copy_some() */
+		(void)setsockopt(c->cfd, SOL_SOCKET, SO_OOBINLINE, &one,
+		    sizeof(one));
+	}
+	(void)setsockopt(c->bfd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof(one));
 	if (!c->nonblock) {
 		/* splice(2) follows the socket's own O_NONBLOCK. */
 		(void)fcntl(c->cfd, F_SETFL, O_RDWR | O_NONBLOCK);
@@ -303,12 +313,81 @@ urgent_step(struct flow *d, int src, int eof)
 	return 1;
 }
 
+/*
+ * The first COPY_LIMIT bytes of a direction (a TLS handshake, a small
+ * request and answer) are copied with recv(2) and send(2): no pipe, two
+ * calls per chunk, and a short read means the socket was empty (edge-
+ * triggered epoll reports what comes later), which saves the call that
+ * says EAGAIN.  Not so when an EOF or an urgent byte may be pending
+ * (their edge may be one already consumed, as on the first call, which
+ * has no event): then it reads until EAGAIN or EOF.  SO_OOBINLINE is on,
+ * so recv(2) never drops an urgent byte.  What send(2) does not take, and
+ * everything after COPY_LIMIT, goes through a pipe as before.
+ */
 static int
-pump(struct flow *d, int src, int dst, int *moved, int *more)
+copy_some(struct flow *d, int src, int dst, int all, int *moved, int *more)
+{
+	ssize_t n, w;
+	int rounds = 0;
+
+	for (;;) {
+		if (++rounds > PUMP_ROUNDS) {
+			*more = 1;
+			return 0;
+		}
+		n = recv(src, copybuf, sizeof(copybuf), MSG_DONTWAIT);
+		if (n == -1) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				return 0;
+			return -1;
+		}
+		if (n == 0) {
+			d->eof = 1;
+			return 0;
+		}
+		*moved = 1;
+		d->total += n;
+		do
+			w = send(dst, copybuf, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+		while (w == -1 && errno == EINTR);
+		if (w == -1) {
+			if (errno != EAGAIN && errno != EWOULDBLOCK)
+				return -1;
+			w = 0;
+		}
+		if (w < n || d->total >= COPY_LIMIT) {
+			d->copy = 0;
+			if (get_pipe(d) == -1)
+				return -1;
+			/* an empty pipe takes copybuf whole: the rest waits there */
+			if (w < n) {
+				if (write(d->p[1], copybuf + w, n - w) != n - w)
+					return -1;
+				d->inpipe = n - w;
+			}
+			return 0;
+		}
+		if ((size_t)n < sizeof(copybuf) && !all && !d->urg && !d->hup)
+			return 0;
+	}
+}
+
+static int
+pump(struct flow *d, int src, int dst, int all, int *moved, int *more)
 {
 	ssize_t n;
 	int progress, rounds = 0;
 
+	if (d->copy && !d->eof) {
+		if (copy_some(d, src, dst, all, moved, more) == -1)
+			return -1;
+		if (*more)
+			return 0;
+	}
+	if (d->copy)
+		goto tail;
 	do {
 		if (++rounds > PUMP_ROUNDS) {
 			*more = 1;
@@ -347,6 +426,7 @@ pump(struct flow *d, int src, int dst, int *moved, int *more)
 		}
 		*moved |= progress;
 	} while (progress);
+ tail:
 	if (d->eof && d->inpipe == 0 && !d->shut) {
 		/* Half-close: pass the EOF on once everything got through. */
 		if (shutdown(dst, SHUT_WR) == -1 && errno != ENOTCONN)
@@ -371,6 +451,8 @@ relay_event(struct conn *c, int backend, uint32_t events)
 	const uint32_t wr = EPOLLOUT | EPOLLHUP | EPOLLERR;
 	int up, dn, moved = 0, more = 0, r = 0;
 
+	if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))  /* see copy_some() */
+		(backend ? &c->dn : &c->up)->hup = 1;
 	if (events == 0)
 		up = dn = 1;
 	else if (!backend) {
@@ -381,9 +463,9 @@ relay_event(struct conn *c, int backend, uint32_t events)
 		up = (events & wr) && c->up.inpipe > 0;
 	}
 	if (up)
-		r = pump(&c->up, c->cfd, c->bfd, &moved, &more);
+		r = pump(&c->up, c->cfd, c->bfd, events == 0, &moved, &more);
 	if (r == 0 && dn)
-		r = pump(&c->dn, c->bfd, c->cfd, &moved, &more);
+		r = pump(&c->dn, c->bfd, c->cfd, events == 0, &moved, &more);
 	relay_done(c, r, moved, more);
 }
 

@@ -109,6 +109,8 @@ struct flow {
 	int		 urg;		/* src got urgent data (EPOLLPRI) */
 	int		 shut;		/* shutdown(dst, SHUT_WR) done */
 	int		 nogrow;	/* its pipe asked to grow once */
+	int		 copy;		/* still copying (recv/send), no pipe yet */
+	int		 hup;		/* src reported RDHUP/HUP/ERR: EOF pending */
 };
 
 struct queue;

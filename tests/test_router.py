@@ -1214,7 +1214,9 @@ def test_urgent_byte_waits_for_room_in_the_pipe(tmp_path, echo_backend):
     """When the pipe cannot take the urgent byte (a pipe counts its room
     in pages: full although it holds fewer bytes than its size), the byte
     stays in the socket until it can: strace makes that one pipe write(2)
-    fail with EAGAIN, as a full pipe would."""
+    fail with EAGAIN, as a full pipe would.  The first 64 KiB of each way
+    are copied (recv/send, no pipe): 70,000 bytes go first so the byte
+    meets the pipe."""
     if shutil.which("strace") is None:
         pytest.fail("strace is not installed (tests/deps check)")
     be = echo_backend("echo")
@@ -1232,8 +1234,9 @@ def test_urgent_byte_waits_for_room_in_the_pipe(tmp_path, echo_backend):
         c.close()
         try:
             s.settimeout(8)
-            s.sendall(b"hello ")
-            assert _read_to_eof(s, limit=6) == b"hello "
+            first = b"hello " * 11667
+            s.sendall(first)
+            assert _read_to_eof(s, limit=len(first)) == first
             s.send(b"!", socket.MSG_OOB)
             wait_for(lambda: "INJECTED" in trace.read_text(), 10,
                      "the pipe write to fail")
