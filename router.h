@@ -108,6 +108,7 @@ struct flow {
 	int		 eof;		/* src said EOF */
 	int		 urg;		/* src got urgent data (EPOLLPRI) */
 	int		 shut;		/* shutdown(dst, SHUT_WR) done */
+	int		 nogrow;	/* its pipe asked to grow once */
 };
 
 struct queue;

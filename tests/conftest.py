@@ -441,14 +441,23 @@ class Inetd:
                 c, _ = self.sock.accept()
             except OSError:
                 return
-            p = subprocess.Popen(self.argv, stdin=c, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, env=self.env,
-                                 start_new_session=True)
-            c.close()
+            try:
+                p = subprocess.Popen(self.argv, stdin=c, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env=self.env,
+                                     start_new_session=True)
+            except OSError as e:    # fork failed (a loaded machine): say so
+                with self.lock:
+                    self.results.append(Result(None, "inetd: cannot start: %r" % e))
+                continue
+            finally:
+                c.close()
             with self.lock:
                 self.procs.append(p)
-            threading.Thread(target=self._reap, args=(p,),
-                             daemon=True).start()
+            try:
+                threading.Thread(target=self._reap, args=(p,),
+                                 daemon=True).start()
+            except RuntimeError:    # no thread to spare: reap it here
+                self._reap(p)
 
     def _reap(self, p):
         err = p.stderr.read()
@@ -457,9 +466,36 @@ class Inetd:
             self.results.append(Result(rc, err.decode(errors="replace")))
 
     def wait_results(self, n=1, timeout=15):
-        wait_for(lambda: len(self.results) >= n, timeout,
-                 "%d alpnd processes to exit" % n)
+        try:
+            wait_for(lambda: len(self.results) >= n, timeout,
+                     "%d alpnd processes to exit" % n)
+        except AssertionError as e:
+            with self.lock:
+                done = sum(p.poll() is not None for p in self.procs)
+                started = len(self.procs)
+            raise AssertionError("%s: %d started, %d exited, %d reaped with their "
+                                 "stderr at EOF; still running: %s" % (
+                                     e, started, done, len(self.results),
+                                     self.running()[:10])) from None
         return self.results
+
+    def running(self):
+        """What the processes that have not exited are doing."""
+        out = []
+        with self.lock:
+            live = [p for p in self.procs if p.poll() is None]
+        for p in live:
+            d = "/proc/%d/" % p.pid
+            try:
+                with open(d + "stat") as f:
+                    st = f.read().rsplit(")", 1)[1].split()
+                with open(d + "wchan") as f:
+                    wchan = f.read()
+                fds = sorted(os.readlink(d + "fd/" + x) for x in os.listdir(d + "fd"))
+            except OSError:
+                continue
+            out.append("%d %s %s %s" % (p.pid, st[0], wchan, fds))
+        return out
 
     def close(self):
         self.stopping = True

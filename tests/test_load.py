@@ -1,4 +1,5 @@
-"""Load with integrity: 500 concurrent connections through the router.
+"""Load with integrity: 500 concurrent connections through the router
+(200 with the sanitizer build).
 
 alpnd runs under systemd-socket-activate --accept (one process per
 connection, LISTEN_FDS), --certs with a challenge certificate made by
@@ -39,7 +40,11 @@ import hostile_lib as H  # noqa: E402
 from hostile_harness import (ROOT, MARK_VAR, SANITIZER_RE, fd_table, free_port,  # noqa: E402
                              marked_pids)
 
-N_RELAY, N_ACME = 350, 150
+# 500 at once with the normal build; the sanitizer build starts each process
+# in about 0.1 s of its own (shadow memory), so 650 of them on 2 cores took
+# over 30 s to answer the last handshake: it runs 200, which is still every
+# kind of connection many times over, at the same time.
+COUNTS = {"normal": (350, 150), "asan": (140, 60)}
 SIZES = [0, 1, 1500, 65536, 262144, 1 << 20]
 AUTH = "load-token.abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJ"
 NAME = "load.test"
@@ -153,7 +158,7 @@ async def acme_client(cid, rd, wr):
     ctx.set_alpn_protocols(["acme-tls/1"])
     res = {"id": cid, "kind": "acme", "ok": False}
     try:
-        await wr.start_tls(ctx, server_hostname=NAME, ssl_handshake_timeout=30)
+        await wr.start_tls(ctx, server_hostname=NAME, ssl_handshake_timeout=60)
         so = wr.get_extra_info("ssl_object")
         res["alpn"] = so.selected_alpn_protocol()
         der = so.getpeercert(binary_form=True)
@@ -178,13 +183,13 @@ def sockets_of(pid):
     return [fd for fd, v in t.items() if v.startswith("socket:")]
 
 
-async def main(port, mark, parent, report, mode):
+async def main(port, mark, parent, report, mode, n_relay, n_acme):
     srv = FallbackServer()
     server = await asyncio.start_server(srv.handle, "127.0.0.1", report["fb_port"],
                                         backlog=1024)
     rng = random.Random(8737)
-    kinds = ["acme"] * N_ACME + ["h2", "noalpn", "plain"] * (N_RELAY // 3) + \
-        ["h2"] * (N_RELAY - 3 * (N_RELAY // 3))
+    kinds = ["acme"] * n_acme + ["h2", "noalpn", "plain"] * (n_relay // 3) + \
+        ["h2"] * (n_relay - 3 * (n_relay // 3))
     rng.shuffle(kinds)
     # Phase 1: 500 connections, 500 processes, at the same time.
     t0 = time.monotonic()
@@ -192,7 +197,7 @@ async def main(port, mark, parent, report, mode):
     for i in range(0, len(kinds), 50):
         conns += await asyncio.gather(*[asyncio.open_connection("127.0.0.1", port)
                                         for _ in kinds[i:i + 50]])
-    end = time.monotonic() + 30
+    end = time.monotonic() + 60
     while time.monotonic() < end:
         if mode == "accept":        # one process per connection
             n = len(children(mark, parent))
@@ -211,7 +216,7 @@ async def main(port, mark, parent, report, mode):
             jobs.append(acme_client(cid, rd, wr))
         else:
             jobs.append(relay_client(cid, kind, rd, wr, random.Random(cid)))
-    results = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 45)
+    results = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 120)
     report["phase2"] = time.monotonic() - t1
     if mode == "listen":
         # every connection is done: soon only the listener is left (alpnd
@@ -231,15 +236,16 @@ async def main(port, mark, parent, report, mode):
                           for r in results if isinstance(r, dict))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("build", ["normal", "asan"])
 @pytest.mark.parametrize("mode", ["accept", "listen"])
 def test_load_500_concurrent(tmp_path, mode, build):
     """mode accept: systemd-socket-activate --accept, one alpnd per
     connection (LISTEN_FDS=1, fd 3).  mode listen: no --accept, one alpnd in
-    listening-socket mode (-x 2) serving all 500 and forking a responder
+    listening-socket mode (-x 2) serving them all and forking a responder
     per ACME handshake; it must then exit by itself, holding nothing."""
     bindir = ROOT / "build/asan" if build == "asan" else ROOT
+    n_relay, n_acme = COUNTS[build]
     alpnd, respond = bindir / "alpnd", bindir / "alpnd-respond"
     assert os.access(alpnd, os.X_OK) and os.access(respond, os.X_OK), "make all first"
     certs = tmp_path / "certs"
@@ -269,7 +275,7 @@ def test_load_500_concurrent(tmp_path, mode, build):
             assert sa.poll() is None and time.monotonic() < end, log.read_text()
             time.sleep(0.02)
         t0 = time.monotonic()
-        asyncio.run(main(port, mark, sa.pid, report, mode))
+        asyncio.run(main(port, mark, sa.pid, report, mode, n_relay, n_acme))
         elapsed = time.monotonic() - t0
         if mode == "listen":
             # all connections done: only the listener is left, and the
@@ -278,8 +284,9 @@ def test_load_500_concurrent(tmp_path, mode, build):
                 report["rc"] = sa.wait(10)
             except subprocess.TimeoutExpired:
                 report["rc"] = "still running 10 s after the load"
-        # no process outlives its connection
-        end = time.monotonic() + 5
+        # no process outlives its connection (a deadline, not a delay: under
+        # load a sanitizer build's exit and leak check take seconds)
+        end = time.monotonic() + 30
         left = children(mark, sa.pid)
         while left and time.monotonic() < end:
             time.sleep(0.05)
@@ -318,9 +325,9 @@ def test_load_500_concurrent(tmp_path, mode, build):
         fails.append("%d uploads differ: %r" % (len(bad_up), bad_up[:3]))
     if srv.errors:
         fails.append("backend errors: %r" % srv.errors[:3])
-    if report.get("peak", 0) < N_RELAY + N_ACME:
+    if report.get("peak", 0) < n_relay + n_acme:
         fails.append("only %d processes at once, expected %d" % (report.get("peak", 0),
-                                                                 N_RELAY + N_ACME))
+                                                                 n_relay + n_acme))
     if left:
         fails.append("processes outlived their connections: %r" % left)
     if mode == "listen":
@@ -337,9 +344,9 @@ def test_load_500_concurrent(tmp_path, mode, build):
             fails.append("idle listening-mode alpnd holds %r" % idle)
     relay_ok = len(re.findall(r"^alpnd\[\d+\]: \S+ \S+ \S+ fallback \d+ \d+ \S+ ok$", text, re.M))
     acme_ok = len(re.findall(r"^alpnd-respond\[\d+\]: .* ok \"TLS1\.[23]", text, re.M))
-    if relay_ok != N_RELAY or acme_ok != N_ACME:
+    if relay_ok != n_relay or acme_ok != n_acme:
         fails.append("log: %d relays ok (want %d), %d handshakes ok (want %d)" % (
-            relay_ok, N_RELAY, acme_ok, N_ACME))
+            relay_ok, n_relay, acme_ok, n_acme))
     if SANITIZER_RE.search(text):
         fails.append("sanitizer report in the log")
     print("load %s/%s: %d connections (%d relays, %d ACME), peak %d processes, %.1f MB relayed, "

@@ -1610,3 +1610,160 @@ def test_stop_after_reload_drains_the_reloaded_relays(activate, echo_backend):
     assert not os.path.exists("/proc/%d/stat" % child) or \
         open("/proc/%d/stat" % child).read().split()[2] == "Z"
     s.close()
+
+
+# --- relay: big pipes for bulk flows, within the user's pipe budget -----------
+
+BULK_UID = 54321        # no other process runs as this user: its pipe pages
+BULK_BYTES = 8 << 20    # (pipe-user-pages-soft) are the test's alone
+
+
+def _as_bulk_user():
+    os.setgroups([])
+    os.setgid(BULK_UID)
+    os.setuid(BULK_UID)
+
+
+def _pattern(i, n=BULK_BYTES):
+    """Bytes that differ per connection and per offset."""
+    block = bytes((i * 7 + k) & 0xff for k in range(251))
+    return (block * (n // len(block) + 1))[:n]
+
+
+def _bulk_through(port, nconn):
+    """A generator: first the address of a backend that answers "GET i"
+    with _pattern(i) and EOF; then, with a relay on port, the bytes each of
+    nconn connections received.  Every client reads 64 KiB and then waits
+    until all have (so that all flows are under way at once, more than
+    the buffers between can hold still in flight), then reads to EOF."""
+    be = socket.socket()
+    be.bind(("127.0.0.1", 0))
+    be.listen(nconn)
+
+    def serve(c):
+        with c:
+            c.settimeout(60)
+            i = int(c.recv(64).split()[1])
+            c.sendall(_pattern(i))
+            c.shutdown(socket.SHUT_WR)
+            while c.recv(4096):
+                pass
+
+    def acceptor():
+        for _ in range(nconn):
+            c, _ = be.accept()
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+    threading.Thread(target=acceptor, daemon=True).start()
+    yield "127.0.0.1:%d" % be.getsockname()[1]
+    clients, got = [], []
+    for i in range(nconn):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(b"GET %d\n" % i)
+        clients.append(s)
+    for s in clients:
+        b = bytearray()
+        while len(b) < 65536:
+            chunk = s.recv(65536 - len(b))
+            assert chunk, "EOF after %d bytes" % len(b)
+            b += chunk
+        got.append(b)
+
+    def read(i):
+        got[i] += recv_all(clients[i], timeout=30)
+        clients[i].close()
+    ts = [threading.Thread(target=read, args=(i,)) for i in range(nconn)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    be.close()
+    yield [bytes(g) for g in got]
+
+
+def test_bulk_flows_get_big_pipes_within_a_budget(tmp_path):
+    """An unprivileged alpnd grows the pipe of a flow that moves bulk data
+    (fewer splices per byte), but the pages grown pipes hold are bounded
+    per process (16 MiB), so that other connections keep full-size pipes
+    (the kernel gives a user over pipe-user-pages-soft 2-page pipes).
+    24 stalled downloads of 8 MiB: at most 17 grow, every byte intact."""
+    if shutil.which("strace") is None:
+        pytest.fail("strace is not installed (tests/deps check)")
+    trace = tmp_path / "strace.log"
+    trace.touch()
+    os.chmod(trace, 0o666)     # opened by strace as the user, through the
+    tfd = os.open(trace, os.O_WRONLY)   # descriptor: not pytest's directory
+    n = 24
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(64)
+    steps = _bulk_through(ls.getsockname()[1], n)
+    addr = next(steps)
+    p = subprocess.Popen(["strace", "-qq", "-f", "-o", "/proc/self/fd/%d" % tfd,
+                          "-e", "trace=fcntl", ALPND, "-f", addr, "-a", addr,
+                          "--exit-idle", "1"],
+                         stdin=ls, stderr=subprocess.PIPE, pass_fds=(tfd,),
+                         preexec_fn=_as_bulk_user)
+    os.close(tfd)
+    try:
+        got = next(steps)
+        err = p.communicate(timeout=30)[1]      # --exit-idle: it ends
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        ls.close()
+    for i, g in enumerate(got):
+        assert g == _pattern(i), (i, len(g or b""), err[-500:])
+    grows = re.findall(r"F_SETPIPE_SZ, (\d+)\)\s+= (-?\d+)", trace.read_text())
+    up = [int(r) for a, r in grows if int(a) > 65536]
+    assert up and all(r == 1 << 20 for r in up), grows
+    assert len(up) * ((1 << 20) - 65536) <= 16 << 20, len(up)
+    # the rest stayed at the default; grown pipes shrink before reuse
+    assert len(up) < n, grows
+
+
+def test_bulk_relay_keeps_the_small_pipes_of_a_user_over_its_pipe_limit(tmp_path):
+    """A user over pipe-user-pages-soft gets 2-page pipes and may not grow
+    them (EPERM): the relay goes on with what it has, bytes intact."""
+    hog = subprocess.Popen(
+        [PY, "-c", "import fcntl, os, sys\n"
+         "ps = [os.pipe() for _ in range(80)]\n"
+         "n = 0\n"
+         "for r, w in ps:\n"
+         "    try:\n"
+         "        fcntl.fcntl(w, 1031, 1 << 20); n += 1\n"     # F_SETPIPE_SZ
+         "    except OSError:\n"
+         "        pass\n"
+         "for _ in range(100):\n"        # then default pipes, over the limit
+         "    r, w = os.pipe(); ps.append((r, w))\n"
+         "    if fcntl.fcntl(w, 1032) <= 8192:\n"              # F_GETPIPE_SZ
+         "        break\n"
+         "print(n, fcntl.fcntl(w, 1032), flush=True)\n"
+         "sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=_as_bulk_user)
+    try:
+        grown, newsize = map(int, hog.stdout.readline().split())
+        if newsize > 8192:
+            pytest.skip("pipe-user-pages-soft is 0 or above %d pages here: "
+                        "the user never goes over it" % (grown * 256))
+        ls = socket.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(8)
+        steps = _bulk_through(ls.getsockname()[1], 2)
+        addr = next(steps)
+        p = subprocess.Popen([ALPND, "-f", addr, "-a", addr, "--exit-idle", "1"],
+                             stdin=ls, stderr=subprocess.PIPE,
+                             preexec_fn=_as_bulk_user)
+        try:
+            got = next(steps)
+            err = p.communicate(timeout=30)[1]
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            ls.close()
+    finally:
+        hog.stdin.close()
+        hog.wait(10)
+    for i, g in enumerate(got):
+        assert g == _pattern(i), (i, len(g or b""), err[-500:])
