@@ -42,7 +42,8 @@ static int	signal_setup(void);
 static int	 lfd = -1;	/* the listening socket */
 static int	 sfd = -1;	/* signalfd: SIGCHLD, SIGTERM, SIGINT, SIGHUP */
 static int	 listen_paused;
-static int	 listen_nodelay;	/* accepted sockets inherit TCP_NODELAY */
+static int	 listen_nodelay;	/* accepted sockets inherit TCP_NODELAY,
+				   SO_OOBINLINE */
 static int64_t	 resume_at;
 static enum {
 	RUNNING,
@@ -667,9 +668,10 @@ listen_start(int fd)
 	    fcntl(lfd, F_SETFL, fl | O_NONBLOCK) == -1)
 		die(EX_OSERR, "fcntl: %s", strerror(errno));
 	/*
-	 * The relay wants TCP_NODELAY on every client socket; set on the
-	 * listening socket (systemd's NoDelay=yes does), accepted sockets
-	 * inherit it: one setsockopt(2) here, not one per connection.
+	 * The relay wants TCP_NODELAY and SO_OOBINLINE on every client
+	 * socket; set on the listening socket (systemd's NoDelay=yes sets the
+	 * first), accepted sockets inherit them: two setsockopt(2) calls
+	 * here, not two per connection.
 	 */
 	{
 		int one = 1, proto = 0;
@@ -677,7 +679,8 @@ listen_start(int fd)
 
 		if (getsockopt(lfd, SOL_SOCKET, SO_PROTOCOL, &proto, &pl) == 0 &&
 		    proto == IPPROTO_TCP && setsockopt(lfd, IPPROTO_TCP,
-		    TCP_NODELAY, &one, sizeof(one)) == 0)
+		    TCP_NODELAY, &one, sizeof(one)) == 0 && setsockopt(lfd,
+		    SOL_SOCKET, SO_OOBINLINE, &one, sizeof(one)) == 0)
 			listen_nodelay = 1;
 	}
 	if ((ep = epoll_create1(EPOLL_CLOEXEC)) == -1)

@@ -72,13 +72,15 @@ def test_queued_and_burst_connections_all_served(echo_backend, tmp_path):
 
 
 def test_listening_socket_gets_tcp_nodelay(echo_backend, tmp_path):
-    """The relay wants TCP_NODELAY on every client; set on the listening
-    socket (as systemd's NoDelay=yes does), accepted sockets inherit it."""
+    """The relay wants TCP_NODELAY and SO_OOBINLINE on every client; set
+    on the listening socket (as systemd's NoDelay=yes does for the first),
+    accepted sockets inherit them."""
     b = echo_backend("echo")
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen(8)
     assert ls.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    assert ls.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE) == 0
     p = _start(ls, ["--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1"],
                tmp_path / "alpnd.log")
     try:
@@ -86,6 +88,7 @@ def test_listening_socket_gets_tcp_nodelay(echo_backend, tmp_path):
         _check(s, "n")
         wait_for(lambda: ls.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
                  5, "TCP_NODELAY on the listening socket")
+        assert ls.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE) != 0
         assert p.wait(15) == 0
     finally:
         if p.poll() is None:
