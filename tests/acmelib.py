@@ -137,6 +137,7 @@ class Inetd:
 
     def _reap(self, ch):
         err = ch.proc.stderr.read()
+        ch.proc.stderr.close()
         ch.rc = ch.proc.wait()
         ch.stderr = err.decode("utf-8", "replace")
         ch.done.set()

@@ -461,6 +461,7 @@ class Inetd:
 
     def _reap(self, p):
         err = p.stderr.read()
+        p.stderr.close()        # or every process leaves a descriptor here
         rc = p.wait()
         with self.lock:
             self.results.append(Result(rc, err.decode(errors="replace")))
