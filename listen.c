@@ -448,6 +448,7 @@ reload(const struct signalfd_siginfo *si)
 	if (si->ssi_uid == getuid() || si->ssi_uid == 0)
 		argv = reload_argv((pid_t)si->ssi_pid, &buf);
 	maybe_children = 1;
+	log_flush();		/* or both processes would write them */
 	if ((pid = fork()) == -1) {
 		logmsg(LOG_ERR, "reload: fork: %s", strerror(errno));
 		goto out;
@@ -487,6 +488,7 @@ reload(const struct signalfd_siginfo *si)
 		(void)setenv("LISTEN_PID", v, 1);
 		(void)setenv("LISTEN_FDS", "1", 1);
 	}
+	log_flush();
 	execv(self_path, argv ? argv : self_argv);
 	e = errno;
 	(void)fcntl(lfd, F_SETFD, FD_CLOEXEC);
@@ -655,6 +657,7 @@ listen_start(int fd)
 	int fl;
 
 	lfd = fd;
+	log_hold = 1;		/* lines leave in batches: log.c */
 	load_drainers();
 	listen_setup();
 	limits_setup();
@@ -710,6 +713,8 @@ listen_deadline(int64_t d, int64_t idle_since)
 		d = resume_at;
 	if (over.log_at && over.log_at < d)
 		d = over.log_at;
+	if (log_due && log_due < d)
+		d = log_due;
 	return d;
 }
 
@@ -766,4 +771,5 @@ void
 listen_end(void)
 {
 	over_summary(now_us(), 1);
+	log_flush();
 }

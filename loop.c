@@ -104,7 +104,11 @@ loop(void)
 			dead = c->next;
 			free(c);
 		}
-		if (listening && listen_tick(now, &idle_since))
+		if (log_due && now >= log_due)
+			log_flush();
+		if (listening && listen_tick(now, &idle_since)) {
+			log_flush();
 			return;
+		}
 	}
 }

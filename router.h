@@ -78,6 +78,9 @@ int	resolve(struct addr *);
 /* log.c */
 extern pid_t	 mypid;
 void	log_setup(int);
+extern int	 log_hold;	/* listening mode: lines wait for log_flush() */
+extern int64_t	 log_due;	/* ... until then at the latest (0: none held) */
+void	log_flush(void);
 void	logmsg(int, const char *, ...) __attribute__((format(printf, 2, 3)));
 void	die(int, const char *, ...)
 	    __attribute__((noreturn, format(printf, 2, 3)));
