@@ -42,7 +42,7 @@ static int	signal_setup(void);
 static int	 lfd = -1;	/* the listening socket */
 static int	 sfd = -1;	/* signalfd: SIGCHLD, SIGTERM, SIGINT, SIGHUP */
 static int	 listen_paused;
-static int	 listen_nodelay;	/* accepted sockets inherit TCP_NODELAY,
+static int	 listen_sockopts;	/* accepted sockets inherit TCP_NODELAY,
 				   SO_OOBINLINE */
 static int64_t	 resume_at;
 static enum {
@@ -300,7 +300,7 @@ accept_some(int64_t now, unsigned max)
 		memcpy(&c->peer, &ss, sl < sizeof(ss) ? sl : sizeof(ss));
 		c->peerlen = sl;
 		c->nonblock = 1;
-		c->nodelay = listen_nodelay;
+		c->sockopts = listen_sockopts;
 		if (ep_add(fd, TAG_CLIENT(c), EV_CONN) == -1) {
 			finish(c, EX_OSERR, "epoll: %s", strerror(errno));
 			continue;
@@ -684,7 +684,7 @@ listen_start(int fd)
 		    proto == IPPROTO_TCP && setsockopt(lfd, IPPROTO_TCP,
 		    TCP_NODELAY, &one, sizeof(one)) == 0 && setsockopt(lfd,
 		    SOL_SOCKET, SO_OOBINLINE, &one, sizeof(one)) == 0)
-			listen_nodelay = 1;
+			listen_sockopts = 1;
 	}
 	if ((ep = epoll_create1(EPOLL_CLOEXEC)) == -1)
 		die(EX_OSERR, "epoll_create1: %s", strerror(errno));

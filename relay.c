@@ -242,7 +242,7 @@ start_relay(struct conn *c)
 	 * Forward segments as they come, like the backend side: Nagle here
 	 * would hold back the tail of a TLS flight until the client ACKs.
 	 */
-	if (c->peer.ss_family != AF_UNIX && !c->nodelay) {
+	if (c->peer.ss_family != AF_UNIX && !c->sockopts) {
 		(void)setsockopt(c->cfd, IPPROTO_TCP, TCP_NODELAY, &one,
 		    sizeof(one));
 		/* recv(2) must not skip an urgent byte: see copy_some() */

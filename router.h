@@ -143,7 +143,7 @@ struct conn {
 	struct alpn_proxy px;
 	int		 have_px;	/* px holds a TCP4/TCP6 client */
 	int		 quiet;		/* no line of its own (log_budget) */
-	int		 nodelay;	/* TCP_NODELAY, SO_OOBINLINE on cfd (from
+	int		 sockopts;	/* TCP_NODELAY, SO_OOBINLINE on cfd (from
 					   the listener) */
 	/* from here on not zeroed by conn_new() */
 	char		 sni[256];
