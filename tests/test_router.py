@@ -12,6 +12,7 @@ import socket
 import stat
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -1627,6 +1628,21 @@ def _as_bulk_user():
     os.setuid(BULK_UID)
 
 
+@pytest.fixture
+def bulk_alpnd():
+    """alpnd where the bulk user may run it: the checkout may sit in a
+    directory only root can enter (a clone in mktemp -d: mode 0700)."""
+    d = tempfile.mkdtemp(prefix="alpnd-bulk-")
+    try:
+        os.chmod(d, 0o755)
+        exe = os.path.join(d, "alpnd")
+        shutil.copy(ALPND, exe)
+        os.chmod(exe, 0o755)
+        yield exe
+    finally:
+        shutil.rmtree(d)
+
+
 def _pattern(i, n=BULK_BYTES):
     """Bytes that differ per connection and per offset."""
     block = bytes((i * 7 + k) & 0xff for k in range(251))
@@ -1683,7 +1699,7 @@ def _bulk_through(port, nconn):
     yield [bytes(g) for g in got]
 
 
-def test_bulk_flows_get_big_pipes_within_a_budget(tmp_path):
+def test_bulk_flows_get_big_pipes_within_a_budget(tmp_path, bulk_alpnd):
     """An unprivileged alpnd grows the pipe of a flow that moves bulk data
     (fewer splices per byte), but the pages grown pipes hold are bounded
     per process (16 MiB), so that other connections keep full-size pipes
@@ -1702,7 +1718,7 @@ def test_bulk_flows_get_big_pipes_within_a_budget(tmp_path):
     steps = _bulk_through(ls.getsockname()[1], n)
     addr = next(steps)
     p = subprocess.Popen(["strace", "-qq", "-f", "-o", "/proc/self/fd/%d" % tfd,
-                          "-e", "trace=fcntl", ALPND, "-f", addr, "-a", addr,
+                          "-e", "trace=fcntl", bulk_alpnd, "-f", addr, "-a", addr,
                           "--exit-idle", "1"],
                          stdin=ls, stderr=subprocess.PIPE, pass_fds=(tfd,),
                          preexec_fn=_as_bulk_user)
@@ -1725,7 +1741,7 @@ def test_bulk_flows_get_big_pipes_within_a_budget(tmp_path):
     assert len(up) < n, grows
 
 
-def test_bulk_relay_keeps_the_small_pipes_of_a_user_over_its_pipe_limit(tmp_path):
+def test_bulk_relay_keeps_the_small_pipes_of_a_user_over_its_pipe_limit(tmp_path, bulk_alpnd):
     """A user over pipe-user-pages-soft gets 2-page pipes and may not grow
     them (EPERM): the relay goes on with what it has, bytes intact."""
     hog = subprocess.Popen(
@@ -1754,7 +1770,7 @@ def test_bulk_relay_keeps_the_small_pipes_of_a_user_over_its_pipe_limit(tmp_path
         ls.listen(8)
         steps = _bulk_through(ls.getsockname()[1], 2)
         addr = next(steps)
-        p = subprocess.Popen([ALPND, "-f", addr, "-a", addr, "--exit-idle", "1"],
+        p = subprocess.Popen([bulk_alpnd, "-f", addr, "-a", addr, "--exit-idle", "1"],
                              stdin=ls, stderr=subprocess.PIPE,
                              preexec_fn=_as_bulk_user)
         try:
