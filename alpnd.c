@@ -66,7 +66,10 @@ usage(int code)
 	    "                            address (default 1024, 0: no limit)\n"
 	    "  -R, --reload PID          have the alpnd PID (listening-socket mode) run again\n"
 	    "                            with the options that follow, relays untouched\n"
-	    "  -v, --verbose / -q, --quiet / -V, --version / -h, --help\n"
+	    "  -v, --verbose             log every connection (listening-socket mode sums\n"
+	    "                            up clean relays otherwise); -vv: debugging detail\n"
+	    "  -q, --quiet               log only what did not end cleanly, and errors\n"
+	    "  -V, --version / -h, --help\n"
 	    "ADDR: 192.0.2.1:8443, [2001:db8::1]:8443, localhost:8443, unix:/run/https.sock\n"
 	    "The connection is fd 0 (inetd, tcpserver) or the LISTEN_FDS descriptor\n"
 	    "(systemd); a listening socket there means listening-socket mode.\n", f);
@@ -224,7 +227,8 @@ parse_options(int argc, char *argv[], pid_t *reload_pid)
 			break;
 		}
 		case 'v':
-			o.verbose = 1;
+			if (o.verbose < 2)
+				o.verbose++;
 			break;
 		case 'q':
 			o.verbose = -1;

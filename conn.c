@@ -102,6 +102,11 @@ log_conn(struct conn *c, int64_t now)
 
 	if (opt->verbose < 0 && c->code == EX_OK)
 		return;
+	if (listening && opt->verbose == 0 && c->code == EX_OK &&
+	    c->route == R_FALLBACK && c->state == S_RELAY) {
+		relay_counted(c, now);
+		return;
+	}
 	client_name(c, client, sizeof(client));
 	logmsg(c->code == EX_OK ? LOG_INFO : LOG_WARNING,
 	    "%s %s %s %s %llu %llu %lld.%03llds %s", client,

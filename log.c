@@ -101,7 +101,7 @@ logmsg(int pri, const char *fmt, ...)
 {
 	va_list ap;
 
-	if (pri == LOG_DEBUG && opt->verbose < 1)
+	if (pri == LOG_DEBUG && opt->verbose < 2)
 		return;
 	va_start(ap, fmt);
 	vlogmsg(pri, fmt, ap);

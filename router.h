@@ -54,7 +54,7 @@ struct options {
 	int64_t		 drain;		/* stop: relays may finish this long */
 	size_t		 max_conn;	/* 0 until listen_start() sets it */
 	unsigned	 max_per_source;	/* 0: no limit */
-	int		 verbose;	/* -1 quiet, 0, 1 verbose */
+	int		 verbose;	/* -1 -q, 0, 1 -v (every connection), 2 -vv (debug) */
 };
 extern const struct options *const opt;
 
@@ -210,6 +210,7 @@ int64_t	listen_deadline(int64_t, int64_t);
 int	listen_tick(int64_t, int64_t *);
 extern int	 maybe_children;	/* a child may exist: ask waitid(2) */
 int	log_budget(int64_t);
+void	relay_counted(const struct conn *, int64_t);
 void	listen_end(void);
 int	reload_client(pid_t);
 

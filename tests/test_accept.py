@@ -51,7 +51,9 @@ def test_queued_and_burst_connections_all_served(echo_backend, tmp_path):
     addr = ls.getsockname()
     first = _burst(addr, 200, "q")
     log = tmp_path / "alpnd.log"
-    p = _start(ls, ["--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1"], log)
+    # -v: a line per connection, each one checked
+    p = _start(ls, ["--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1", "-v"],
+               log)
     try:
         _check(first, "q")
         for rnd in range(3):
@@ -81,7 +83,7 @@ def test_listening_socket_gets_tcp_nodelay(echo_backend, tmp_path):
     ls.listen(8)
     assert ls.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
     assert ls.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE) == 0
-    p = _start(ls, ["--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1"],
+    p = _start(ls, ["--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1", "-v"],
                tmp_path / "alpnd.log")
     try:
         s = _burst(ls.getsockname(), 1, "n")
@@ -110,7 +112,8 @@ def test_one_at_a_time_costs_no_failed_accept(echo_backend, tmp_path):
     trace = tmp_path / "trace"
     log = tmp_path / "alpnd.log"
     p = subprocess.Popen(["strace", "-q", "-e", "trace=accept4", "-o", str(trace), ALPND,
-                          "--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1"],
+                          "--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1",
+                          "-v"],
                          stdin=ls, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     try:
         n = 20

@@ -620,8 +620,9 @@ def report(res, S, host_S, concs, fmt_r):
                "same run].  CPU us per connection at c=8:")
     out.append("relay = the target's processes + what PID 1 reaped; PID 1 = the machine's "
                "systemd itself; machine = the whole machine's cgroup (backend, journald, ...);")
-    out.append("journald = systemd-journald (alpnd's line per connection; nginx stream logs "
-               "none by default).")
+    out.append("journald = systemd-journald (alpnd listening: a summary line per 10 s for "
+               "clean relays, a line each with -v; per connection: a line each; nginx stream "
+               "logs none by default).")
     pr = res.get("procs", {})
     if pr.get("nginx"):
         out.append("Processes: nginx stream %d (a master and %d workers: worker_processes auto, "
