@@ -48,6 +48,9 @@ dispatch(void *tag, uint32_t events, int64_t now)
 	c = (struct conn *)((uintptr_t)tag & ~(uintptr_t)1);
 	if (events & EPOLLPRI)		/* urgent data: see urgent_step() */
 		(backend ? &c->dn : &c->up)->urg = 1;
+	/* an EOF may be pending although this edge is gone: copy_some() */
+	if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+		(backend ? &c->dn : &c->up)->hup = 1;
 	switch (c->state) {
 	case S_PROXY:
 	case S_HELLO:

@@ -66,6 +66,8 @@ static size_t	 nspares;
 
 static void	relay_step(struct conn *);
 static void	relay_done(struct conn *, int, int, int);
+static int	pump(struct flow *, const struct flow *, int, int, int, int *,
+		    int *);
 
 /* Out of descriptors, or handing everything over: spare pipes go. */
 void
@@ -229,7 +231,8 @@ void
 start_relay(struct conn *c)
 {
 	int64_t now = now_us();
-	int one = 1, proxy;
+	int one = 1, proxy, moved = 0, more = 0, r;
+	int waited = c->bregistered;	/* connected in S_CONNECT */
 
 	set_lowat(c, 1);
 	c->up.copy = c->dn.copy = 1;	/* pipes come when needed */
@@ -275,7 +278,20 @@ start_relay(struct conn *c)
 	}
 	c->state = S_RELAY;
 	q_append(&q_relay, c, now);
-	relay_step(c);
+	/*
+	 * The first step.  The ClientHello waits in the client's socket:
+	 * copied with what came with it; a short read ends it (copy_some())
+	 * unless an EOF or urgent byte was seen in an event already consumed
+	 * (dispatch() notes those in every state).  A backend socket added
+	 * to the epoll set just now is reported by epoll if anything is there
+	 * already (EPOLL_CTL_ADD polls it): nothing to ask it yet.  One that
+	 * connected in S_CONNECT may have had data in the event that said so:
+	 * read until EAGAIN.
+	 */
+	r = pump(&c->up, &c->dn, c->cfd, c->bfd, 0, &moved, &more);
+	if (r == 0 && waited)
+		r = pump(&c->dn, &c->up, c->bfd, c->cfd, 1, &moved, &more);
+	relay_done(c, r, moved, more);
 }
 
 /*
@@ -319,9 +335,11 @@ urgent_step(struct flow *d, int src, int eof)
  * calls per chunk, and a short read means the socket was empty (edge-
  * triggered epoll reports what comes later), which saves the call that
  * says EAGAIN.  Not so when an EOF or an urgent byte may be pending
- * (their edge may be one already consumed, as on the first call, which
- * has no event): then it reads until EAGAIN or EOF.  SO_OOBINLINE is on,
- * so recv(2) never drops an urgent byte.  What send(2) does not take, and
+ * (their edge may be one already consumed: dispatch() notes both in every
+ * state, and recv(2) stops short at an urgent mark), or when the caller
+ * asks for all (resuming a relay that had to wait its turn): then it
+ * reads until EAGAIN or EOF.  SO_OOBINLINE is on, so recv(2) never drops
+ * an urgent byte.  What send(2) does not take, and
  * everything after COPY_LIMIT, goes through a pipe as before.
  */
 static int
@@ -375,7 +393,8 @@ copy_some(struct flow *d, int src, int dst, int all, int *moved, int *more)
 }
 
 static int
-pump(struct flow *d, int src, int dst, int all, int *moved, int *more)
+pump(struct flow *d, const struct flow *o, int src, int dst, int all,
+    int *moved, int *more)
 {
 	ssize_t n;
 	int progress, rounds = 0;
@@ -428,8 +447,13 @@ pump(struct flow *d, int src, int dst, int all, int *moved, int *more)
 	} while (progress);
  tail:
 	if (d->eof && d->inpipe == 0 && !d->shut) {
-		/* Half-close: pass the EOF on once everything got through. */
-		if (shutdown(dst, SHUT_WR) == -1 && errno != ENOTCONN)
+		/*
+		 * Half-close: pass the EOF on once everything got through.
+		 * When the other way has ended already, both sockets close
+		 * next and close(2) sends this FIN: dst has nothing unread.
+		 */
+		if (!o->shut && shutdown(dst, SHUT_WR) == -1 &&
+		    errno != ENOTCONN)
 			return -1;
 		d->shut = 1;
 	}
@@ -451,8 +475,6 @@ relay_event(struct conn *c, int backend, uint32_t events)
 	const uint32_t wr = EPOLLOUT | EPOLLHUP | EPOLLERR;
 	int up, dn, moved = 0, more = 0, r = 0;
 
-	if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))  /* see copy_some() */
-		(backend ? &c->dn : &c->up)->hup = 1;
 	if (events == 0)
 		up = dn = 1;
 	else if (!backend) {
@@ -463,9 +485,11 @@ relay_event(struct conn *c, int backend, uint32_t events)
 		up = (events & wr) && c->up.inpipe > 0;
 	}
 	if (up)
-		r = pump(&c->up, c->cfd, c->bfd, events == 0, &moved, &more);
+		r = pump(&c->up, &c->dn, c->cfd, c->bfd, events == 0, &moved,
+		    &more);
 	if (r == 0 && dn)
-		r = pump(&c->dn, c->bfd, c->cfd, events == 0, &moved, &more);
+		r = pump(&c->dn, &c->up, c->bfd, c->cfd, events == 0, &moved,
+		    &more);
 	relay_done(c, r, moved, more);
 }
 
