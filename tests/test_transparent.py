@@ -167,8 +167,9 @@ def test_every_hello_gets_the_web_servers_answer(nginx, inetd, procs, responder)
     ls.listen(512)
     listen_log = procs.log("alpnd-listen")
     with open(listen_log, "w") as err:
-        listener = procs.start([ALPND] + args, stdin=ls, stdout=subprocess.DEVNULL,
-                               stderr=err)
+        # -v: a line for each relay (listening mode sums them up otherwise)
+        listener = procs.start([ALPND] + args + ["-v"], stdin=ls,
+                               stdout=subprocess.DEVNULL, stderr=err)
     listen_port = ls.getsockname()[1]
     ls.close()
 
