@@ -331,6 +331,36 @@ def test_half_close_client_first(inetd, echo_backend):
     assert i.wait_results(1)[0].rc == 0
 
 
+@pytest.mark.parametrize("mode", ["inetd", "listen"])
+def test_backend_speaks_first_while_the_client_waits(activate, echo_backend, mode):
+    """A backend that writes as soon as it is connected, to a client that
+    sent its hello and now waits without an EOF: the relay's first step
+    does not read the new backend socket, so only epoll can say it has
+    data (the socket was just added).  Ten connections in a row."""
+    b = echo_backend("record", reply=b"banner")
+    a = activate(["--fallback", b.addr, "--acme", "127.0.0.1:9",
+                  "--exit-idle", "30"], mode=mode)
+    sent = []
+    for k in range(10):
+        s = socket.create_connection(("127.0.0.1", a.port))
+        sent.append(client_hello("first%d.test" % k) + b"bye")
+        s.sendall(sent[-1][:-3])
+        s.settimeout(5)
+        got = b""
+        while len(got) < 6:
+            d = s.recv(6 - len(got))
+            assert d, "EOF before the backend's banner"
+            got += d
+        assert got == b"banner"
+        s.sendall(b"bye")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b""
+        s.close()
+    b.wait_conns(10)
+    wait_for(lambda: all(c.eof for c in b.conns), 10, "EOF at the backend")
+    assert sorted(bytes(c.data) for c in b.conns) == sorted(sent)
+
+
 def test_half_close_backend_first(inetd, echo_backend):
     """Backend: answers and SHUT_WRs at once; the client gets EOF yet can
     keep sending, and all of it reaches the backend."""
