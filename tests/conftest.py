@@ -90,6 +90,21 @@ def parse_logs(text):
     return [m.groupdict() for m in LOG_RE.finditer(text)]
 
 
+# Listening mode sums up clean relays to the fallback (alpnd.8, Logging).
+RELAYED_RE = re.compile(
+    r"alpnd\[(?P<pid>\d+)\]: in the last \d+ s: (?P<n>\d+) connections relayed "
+    r"to the fallback \((?P<resets>\d+) ended in a reset\), (?P<up>\d+) bytes up, "
+    r"(?P<down>\d+) down$", re.M)
+
+
+def relayed_sums(text):
+    """The summary lines of clean relays: dicts of pid, n, resets, up, down
+    (ints but pid)."""
+    return [dict(m.groupdict(), **{k: int(m.group(k)) for k in
+                                   ("n", "resets", "up", "down")})
+            for m in RELAYED_RE.finditer(text)]
+
+
 def sha256(b):
     return hashlib.sha256(b).hexdigest()
 

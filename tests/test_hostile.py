@@ -44,6 +44,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hostile_lib as H  # noqa: E402
+from conftest import relayed_sums  # noqa: E402
 from hostile_harness import (  # noqa: E402
     EX_DATAERR, EX_IOERR, EX_OK, EX_OSERR, EX_TEMPFAIL, EX_UNAVAILABLE,
     EX_USAGE, MARK_VAR, ROOT, SANITIZER_RE, VALGRIND_RE, Backend, Run,
@@ -876,8 +877,7 @@ def _finish_listener(run, p, be, t0, factor, f):
 
 def relays_summed(stderr):
     """Clean relays a listening-mode alpnd summed up (alpnd.8, Logging)."""
-    return sum(int(n) for n in re.findall(
-        r"in the last \d+ s: (\d+) connections relayed to the fallback", stderr))
+    return sum(m["n"] for m in relayed_sums(stderr))
 
 
 def listen_isolation(build, ctx):

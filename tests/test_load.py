@@ -37,6 +37,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hostile_lib as H  # noqa: E402
+from conftest import relayed_sums  # noqa: E402
 from hostile_harness import (ROOT, MARK_VAR, SANITIZER_RE, fd_table, free_port,  # noqa: E402
                              marked_pids)
 
@@ -345,12 +346,11 @@ def test_load_500_concurrent(tmp_path, mode, build):
     relay_ok = len(re.findall(r"^alpnd\[\d+\]: \S+ \S+ \S+ fallback \d+ \d+ \S+ ok$", text, re.M))
     if mode == "listen":
         # clean relays are summed up, not a line each (alpnd.8, Logging)
-        sums = re.findall(r"^alpnd\[\d+\]: in the last \d+ s: (\d+) connections relayed to "
-                          r"the fallback \((\d+) ended in a reset\)", text, re.M)
-        if relay_ok or any(int(r) for _, r in sums):
+        sums = relayed_sums(text)
+        if relay_ok or any(m["resets"] for m in sums):
             fails.append("listening mode: %d relay lines of their own, %r in the sums"
                          % (relay_ok, sums))
-        relay_ok = sum(int(n) for n, _ in sums)
+        relay_ok = sum(m["n"] for m in sums)
     acme_ok = len(re.findall(r"^alpnd-respond\[\d+\]: .* ok \"TLS1\.[23]", text, re.M))
     if relay_ok != n_relay or acme_ok != n_acme:
         fails.append("log: %d relays ok (want %d), %d handshakes ok (want %d)" % (
