@@ -449,10 +449,14 @@ pump(struct flow *d, const struct flow *o, int src, int dst, int all,
 	if (d->eof && d->inpipe == 0 && !d->shut) {
 		/*
 		 * Half-close: pass the EOF on once everything got through.
-		 * When the other way has ended already, both sockets close
-		 * next and close(2) sends this FIN: dst has nothing unread.
+		 * In listening mode, when the other way has ended already,
+		 * both sockets close next and close(2) sends this FIN (dst
+		 * has nothing unread, and no other process holds it).  Not
+		 * so per connection: the service manager may hold the
+		 * client's socket too (systemd's Accept=yes does, until
+		 * the unit ends), and only shutdown(2) sends the FIN now.
 		 */
-		if (!o->shut && shutdown(dst, SHUT_WR) == -1 &&
+		if ((!o->shut || !listening) && shutdown(dst, SHUT_WR) == -1 &&
 		    errno != ENOTCONN)
 			return -1;
 		d->shut = 1;
