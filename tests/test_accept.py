@@ -7,19 +7,11 @@ for the accepted ones to inherit.
 
 import shutil
 import socket
-import subprocess
 
 import pytest
 
-from conftest import ALPND, client_hello, parse_logs, wait_for
-from test_router import recv_all
-
-
-def _start(ls, args, log):
-    """alpnd with ls as its listening socket (fd 0), stderr to log (a file:
-    hundreds of lines would fill a pipe nobody reads yet)."""
-    return subprocess.Popen([ALPND] + args, stdin=ls, stdout=subprocess.DEVNULL,
-                            stderr=open(log, "wb"))
+from conftest import client_hello, parse_logs, wait_for
+from test_router import _listening, recv_all
 
 
 def _burst(addr, n, tag):
@@ -51,10 +43,10 @@ def test_queued_and_burst_connections_all_served(echo_backend, tmp_path):
     addr = ls.getsockname()
     first = _burst(addr, 200, "q")
     log = tmp_path / "alpnd.log"
-    # -v: a line per connection, each one checked
-    p = _start(ls, ["--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1", "-v"],
-               log)
-    try:
+    # -v: a line per connection, each one checked; stderr to a file:
+    # hundreds of lines would fill a pipe nobody reads yet
+    with _listening(["--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1", "-v"],
+                    ls=ls, stderr=open(log, "wb")) as (ls, p):
         _check(first, "q")
         for rnd in range(3):
             _check(_burst(addr, 100, "b%d-" % rnd), "b%d-" % rnd)
@@ -66,11 +58,6 @@ def test_queued_and_burst_connections_all_served(echo_backend, tmp_path):
         assert len({x["pid"] for x in lines}) == 1
         assert all(x["route"] == "fallback" and x["result"] == "ok" for x in lines), \
             [x for x in lines if x["result"] != "ok"][:3]
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        ls.close()
 
 
 def test_listening_socket_gets_tcp_nodelay(echo_backend, tmp_path):
@@ -83,20 +70,14 @@ def test_listening_socket_gets_tcp_nodelay(echo_backend, tmp_path):
     ls.listen(8)
     assert ls.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
     assert ls.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE) == 0
-    p = _start(ls, ["--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1", "-v"],
-               tmp_path / "alpnd.log")
-    try:
+    with _listening(["--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1", "-v"],
+                    ls=ls, stderr=open(tmp_path / "alpnd.log", "wb")) as (ls, p):
         s = _burst(ls.getsockname(), 1, "n")
         _check(s, "n")
         wait_for(lambda: ls.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
                  5, "TCP_NODELAY on the listening socket")
         assert ls.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE) != 0
         assert p.wait(15) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        ls.close()
 
 
 def test_one_at_a_time_costs_no_failed_accept(echo_backend, tmp_path):
@@ -106,16 +87,11 @@ def test_one_at_a_time_costs_no_failed_accept(echo_backend, tmp_path):
     if shutil.which("strace") is None:
         pytest.fail("strace is not installed (tests/deps check)")
     b = echo_backend("echo")
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(8)
     trace = tmp_path / "trace"
     log = tmp_path / "alpnd.log"
-    p = subprocess.Popen(["strace", "-q", "-e", "trace=accept4", "-o", str(trace), ALPND,
-                          "--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1",
-                          "-v"],
-                         stdin=ls, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
-    try:
+    with _listening(["--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle", "1", "-v"],
+                    stderr=open(log, "wb"),
+                    prefix=["strace", "-q", "-e", "trace=accept4", "-o", str(trace)]) as (ls, p):
         n = 20
         for k in range(n):
             _check(_burst(ls.getsockname(), 1, "one%d-" % k), "one%d-" % k)
@@ -126,8 +102,3 @@ def test_one_at_a_time_costs_no_failed_accept(echo_backend, tmp_path):
         # the one at the end: a last look at the queue before exiting idle
         assert len(failed) <= 2, calls
         assert len(parse_logs(log.read_text())) == n
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        ls.close()

@@ -1360,15 +1360,18 @@ def test_backend_reset_reaches_the_client_as_a_reset(inetd):
 
 
 @contextlib.contextmanager
-def _listening(args, preexec=None, stdout=None):
-    """alpnd in listening-socket mode on a fresh loopback listener; yields
-    (listener, process); the process is killed if it outlives the test."""
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(8)
-    p = subprocess.Popen([ALPND] + args, stdin=ls,
+def _listening(args, preexec=None, stdout=None, ls=None, stderr=subprocess.PIPE,
+               prefix=()):
+    """alpnd in listening-socket mode on ls (default: a fresh loopback
+    listener), run under prefix (e.g. strace); yields (listener, process);
+    the process is killed if it outlives the test, and the listener closed."""
+    if ls is None:
+        ls = socket.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(8)
+    p = subprocess.Popen(list(prefix) + [ALPND] + args, stdin=ls,
                          stdout=ls if stdout == "listener" else subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, preexec_fn=preexec)
+                         stderr=stderr, preexec_fn=preexec)
     try:
         yield ls, p
     finally:
