@@ -21,6 +21,8 @@ import uuid
 
 import pytest
 
+from conftest import relayed_sums
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -2405,6 +2407,10 @@ def test_systemd_stop_drains(machine):
     cut = [int(n) for n in re.findall(
         r"(\d+) connections? cut after the drain", j)]
     assert sum(cut) == 2, j
+    # the queued ones, relayed cleanly, are summed up in the journal (not
+    # a line each), and the sum is written before the process ends
+    assert not re.search(r" fallback \d+ \d+ \S+ ok$", j, re.M), j
+    assert sum(x["n"] for x in relayed_sums(j)) >= 5, j
 
 
 @pytest.mark.timeout(600)
