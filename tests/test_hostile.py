@@ -669,7 +669,10 @@ def limits_case(name, argv_fn, script, rcs, log, preexec, tmax=3.0, alert=None,
         if build != "normal":
             # ASan/LSan need descriptors and /proc of their own
             env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0"
-        argv = ctx.wrap(build) + argv_fn(build, ctx)
+        # A fallback of its own: what it got is this run's alone (reported
+        # on failure), and no other case's connections share it.
+        be = Backend("record")
+        argv = ctx.wrap(build) + argv_fn(build, _Within(ctx, fb_addr=be.addr))
         f = []
         if listen:
             run, f = run_listening(argv, env, run, ctx, preexec, nconn=2, payload=acme_hello(),
@@ -693,8 +696,25 @@ def limits_case(name, argv_fn, script, rcs, log, preexec, tmax=3.0, alert=None,
                 f.append("alerts %r, expected only %r" % (al, alert))
             if any(t == H.HS_CERTIFICATE for t, _ in H.handshake_messages(recs)):
                 f.append("a certificate was served")
+        be.close()
+        if f:
+            f.append("the client got %d bytes %r; the fallback: %s" % (
+                len(run.client_got), run.client_got[:16],
+                ", ".join("got %d, sent %d, ended %s" % (len(k.data), k.sent, k.end or "-")
+                          for k in be.conns) or "no connection"))
         return run, f
     return case(name, custom=run_it)
+
+
+class _Within:
+    """ctx with some attributes of its own (a case's private backend)."""
+
+    def __init__(self, ctx, **own):
+        self._ctx = ctx
+        self.__dict__.update(own)
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
 
 
 def _nofile(spare):
