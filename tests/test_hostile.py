@@ -672,13 +672,16 @@ def limits_case(name, argv_fn, script, rcs, log, preexec, tmax=3.0, alert=None,
         # A fallback of its own: what it got is this run's alone (reported
         # on failure), and no other case's connections share it.
         be = Backend("record")
-        argv = ctx.wrap(build) + argv_fn(build, _Within(ctx, fb_addr=be.addr))
-        f = []
-        if listen:
-            run, f = run_listening(argv, env, run, ctx, preexec, nconn=2, payload=acme_hello(),
-                                   hook=hook)
-        else:
-            run_connection(argv, script, run, env, preexec=preexec, wait_max=tmax + 3)
+        try:
+            argv = ctx.wrap(build) + argv_fn(build, _Within(ctx, fb_addr=be.addr))
+            f = []
+            if listen:
+                run, f = run_listening(argv, env, run, ctx, preexec, nconn=2,
+                                       payload=acme_hello(), hook=hook)
+            else:
+                run_connection(argv, script, run, env, preexec=preexec, wait_max=tmax + 3)
+        finally:
+            be.close()
         if run.rc is None or run.rc < 0:
             f.append("died: rc %r" % run.rc)
         elif run.rc not in rcs:
@@ -696,7 +699,6 @@ def limits_case(name, argv_fn, script, rcs, log, preexec, tmax=3.0, alert=None,
                 f.append("alerts %r, expected only %r" % (al, alert))
             if any(t == H.HS_CERTIFICATE for t, _ in H.handshake_messages(recs)):
                 f.append("a certificate was served")
-        be.close()
         if f:
             f.append("the client got %d bytes %r; the fallback: %s" % (
                 len(run.client_got), run.client_got[:16],
