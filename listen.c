@@ -148,25 +148,35 @@ shed(int fd, unsigned long *counter, int64_t now)
 static void
 over_summary(int64_t now, int force)
 {
+	long long secs;
+
 	if (over.log_at == 0 || (!force && now < over.log_at))
 		return;
+	/*
+	 * The interval began with the first thing counted (log_at is set
+	 * SUMMARY_US after it); forced out early (exit, stop, reload), it is
+	 * shorter, and the lines say so.
+	 */
+	secs = (now - (over.log_at - SUMMARY_US) + SEC / 2) / SEC;
+	if (secs < 1)
+		secs = 1;
 	if (over.total + over.source + over.fds + over.evicted > 0)
 		logmsg(LOG_WARNING, "over the bounds in the last %lld s: %lu "
 		    "closed at once (%lu over --max-conn %zu, %lu over "
 		    "--max-per-source %u, %lu short of descriptors, %lu waiting "
 		    "for a ClientHello closed for newer ones)",
-		    (long long)(SUMMARY_US / SEC), over.total + over.source +
+		    secs, over.total + over.source +
 		    over.fds + over.evicted, over.total, max_conn, over.source,
 		    opt->max_per_source, over.fds, over.evicted);
 	if (over.quiet > 0)
 		logmsg(LOG_WARNING, "in the last %lld s: %lu more connections "
 		    "that ended without a complete ClientHello (silent, "
 		    "reset, or timed out) not logged one by one",
-		    (long long)(SUMMARY_US / SEC), over.quiet);
+		    secs, over.quiet);
 	if (over.relayed > 0)
 		logmsg(LOG_INFO, "in the last %lld s: %lu connections relayed "
 		    "to the fallback (%lu ended in a reset), %llu bytes up, "
-		    "%llu down", (long long)(SUMMARY_US / SEC), over.relayed,
+		    "%llu down", secs, over.relayed,
 		    over.resets, over.up, over.dn);
 	over.total = over.source = over.fds = over.evicted = 0;
 	over.lines = over.quiet = 0;

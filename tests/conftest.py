@@ -92,16 +92,16 @@ def parse_logs(text):
 
 # Listening mode sums up clean relays to the fallback (alpnd.8, Logging).
 RELAYED_RE = re.compile(
-    r"alpnd\[(?P<pid>\d+)\]: in the last \d+ s: (?P<n>\d+) connections relayed "
+    r"alpnd\[(?P<pid>\d+)\]: in the last (?P<secs>\d+) s: (?P<n>\d+) connections relayed "
     r"to the fallback \((?P<resets>\d+) ended in a reset\), (?P<up>\d+) bytes up, "
     r"(?P<down>\d+) down$", re.M)
 
 
 def relayed_sums(text):
-    """The summary lines of clean relays: dicts of pid, n, resets, up, down
-    (ints but pid)."""
+    """The summary lines of clean relays: dicts of pid, secs, n, resets, up,
+    down (ints but pid)."""
     return [dict(m.groupdict(), **{k: int(m.group(k)) for k in
-                                   ("n", "resets", "up", "down")})
+                                   ("secs", "n", "resets", "up", "down")})
             for m in RELAYED_RE.finditer(text)]
 
 

@@ -829,6 +829,7 @@ def test_listen_mode_log_levels(activate, echo_backend, flag):
     b = echo_backend("echo")
     args = ["--fallback", b.addr, "--acme", "127.0.0.1:9", "--exit-idle",
             "1"] + ([flag] if flag else [])
+    t0 = time.monotonic()
     a = activate(args, mode="listen")
     for k in range(3):
         assert exchange(a.port, b"GET /%d HTTP/1.0\r\n\r\n" % k) != b""
@@ -838,10 +839,13 @@ def test_listen_mode_log_levels(activate, echo_backend, flag):
     assert recv_all(s) == b""
     s.close()
     assert a.proc.wait(10) == 0
+    lived = time.monotonic() - t0
     text = a.text()
     lines = parse_logs(text)
     relays = [x for x in lines if x["route"] == "fallback"]
     sums = relayed_sums(text)
+    # written at the idle exit, before 10 s were up: it says how long
+    assert all(1 <= m["secs"] <= lived + 1 for m in sums), (lived, text)
     failed = [x for x in lines if x["route"] == "acme"]
     assert len(failed) == 1 and "127.0.0.1:9" in failed[0]["result"], text
     if flag == "-q":
